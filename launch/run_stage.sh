@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# run_stage.sh COMMAND CONFIG [HOSTFILE] [--set a.b=c ...]
+# Without a hostfile: one process. With one: the deepspeed launcher, one rank per slot.
+# A hostfile that names only this machine needs no ssh, and rendezvous stays on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command=$1; config=$2; hostfile=${3:-}; shift 3 || shift $#
+venv=${VENV:-.venv}
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    export DS_ACCELERATOR=cpu
+fi
+args=("$command")
+[ -n "$config" ] && args+=(--config "$config")
+for item in "$@"; do args+=(--set "$item"); done
+
+if [ -z "$hostfile" ]; then
+    exec "$venv/bin/python" -m pipeline "${args[@]}"
+fi
+hosts=$(grep -v '^\s*#' "$hostfile" | awk 'NF {print $1}' | sort -u)
+if [ "$hosts" = "localhost" ] || [ "$hosts" = "127.0.0.1" ]; then
+    port=${MASTER_PORT:-$((29500 + RANDOM % 1000))}
+    exec "$venv/bin/deepspeed" --hostfile "$hostfile" --no_ssh_check --master_addr 127.0.0.1 \
+        --master_port "$port" --module pipeline "${args[@]}"
+fi
+exec "$venv/bin/deepspeed" --hostfile "$hostfile" --module pipeline "${args[@]}"

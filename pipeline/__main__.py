@@ -1,0 +1,54 @@
+"""`python -m pipeline <stage> --config FILE [--set a.b=c ...] [--force]`: dispatch only.
+
+Commands: the stages (prepare, pretrain, search, prune, retrain, finetune), `run-all` (every
+available stage in order, each skipped when up to date) and `env` (what each rank of this
+launch sees, checked over a real process group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import PipelineError
+from pipeline.stages import ORDER
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    # the deepspeed launcher appends --local_rank=N; the env says the same thing, so it is ignored
+    common.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    staged = argparse.ArgumentParser(add_help=False, parents=[common])
+    staged.add_argument("--config", required=True, help="run config (YAML)")
+    staged.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config value (repeatable)")
+    staged.add_argument("--force", action="store_true", help="rerun even when up to date")
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0],
+                                     parents=[common])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in ORDER:
+        commands.add_parser(stage, parents=[staged], help=f"run the {stage} stage")
+    commands.add_parser("run-all", parents=[staged], help="run every available stage in order")
+    env = commands.add_parser("env", parents=[common], help="show and check the launch environment")
+    env.add_argument("--json", default=None, help="also write what every rank saw to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "env":
+            from pipeline.envcheck import run_env_check
+
+            return run_env_check(args.json)
+        from pipeline.cli import run_command
+
+        return run_command(args.command, args.config, args.overrides, args.force)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""What a command does once its arguments are parsed: config, launch env, logging, stages."""
+
+from __future__ import annotations
+
+import os
+
+from rich.table import Table
+
+from pipeline.config import load_config
+from pipeline.console import print_table, setup_logging
+from pipeline.dist import Dist, detect
+from pipeline.runner import run_stage
+from pipeline.stages import ORDER, stage_specs
+
+
+def run_command(command: str, config_path: str, overrides: list[str], force: bool) -> int:
+    cfg = load_config(config_path, overrides)
+    dist = Dist(detect(os.environ), cfg.distributed.timeout_minutes, cfg.distributed.backend)
+    log = setup_logging(dist.rank)
+    specs = stage_specs()
+    names = [n for n in ORDER if specs[n].available()] if command == "run-all" else [command]
+    log.info(f"run {cfg.run.name} in {cfg.run.root / cfg.run.name}: {', '.join(names)} "
+             f"({dist.world_size} rank{'s' if dist.world_size > 1 else ''}, {dist.env.launcher} launch)")
+    records = [run_stage(name, cfg, dist, force=force) for name in names]
+    if command == "run-all":
+        table = Table(title=f"run {cfg.run.name}")
+        for column in ("stage", "status", "finished", "summary"):
+            table.add_column(column)
+        for rec in records:
+            summary = ", ".join(f"{k}={_short(v)}" for k, v in list(rec.metrics.items())[:6])
+            table.add_row(rec.stage, rec.status, (rec.ended_at or "")[:19].replace("T", " "), summary)
+        print_table(dist.rank, table)
+    dist.shutdown()
+    return 0
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,319 @@
+"""Typed run configuration: one YAML file per run, one frozen pydantic model per concern.
+
+A run config is a mapping of sections (`run`, `data`, `model`, ...). Every section has
+defaults except `run`, so a config names only what differs. A config may start from another
+with `base: other.yaml` (deep-merged, this file wins), and `--set a.b=c` overrides are
+applied last. Stages read only the sections they declare, and hash only those, so editing
+the finetune section never invalidates a finished prepare stage.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RunSection(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    root: Path = Path("runs")  # shared storage every node sees
+    seed: int = 1234
+
+
+class SourceConfig(Section):
+    kind: Literal["text", "jsonl", "wiki_xml", "hf_disk"]
+    paths: list[str] = Field(min_length=1)  # files, directories or globs; .gz/.bz2/.zst read too
+    text_field: str = "text"  # jsonl and datasets: which field holds the document
+    doc_split: Literal["blank_line", "file", "line"] = "blank_line"  # plain text only
+
+    @model_validator(mode="after")
+    def _one_dataset(self) -> SourceConfig:
+        if self.kind == "hf_disk" and len(self.paths) != 1:
+            raise ValueError("kind 'hf_disk' takes exactly one path (a dataset saved with save_to_disk)")
+        return self
+
+
+class TokenizerConfig(Section):
+    kind: Literal["bert-base-uncased", "vocab_file", "train"] = "bert-base-uncased"
+    vocab_file: Path | None = None
+    vocab_size: PosInt = 30522  # only for kind=train
+    lowercase: bool = True
+    min_frequency: PosInt = 2
+
+    @model_validator(mode="after")
+    def _vocab_file_given(self) -> TokenizerConfig:
+        if self.kind == "vocab_file" and self.vocab_file is None:
+            raise ValueError("kind 'vocab_file' needs vocab_file")
+        return self
+
+
+class MaskingConfig(Section):
+    probability: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    replace_mask: Fraction = 0.8  # of the chosen tokens: [MASK]
+    replace_random: Fraction = 0.1  # random token; the rest stay unchanged
+    whole_word: bool = False
+
+    @model_validator(mode="after")
+    def _shares(self) -> MaskingConfig:
+        if self.replace_mask + self.replace_random > 1.0:
+            raise ValueError("replace_mask + replace_random must not exceed 1")
+        return self
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=list)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    seq_lengths: list[Annotated[int, Field(ge=16, le=8192)]] = [128, 512]
+    objective: Literal["mlm", "nsp", "sop"] = "mlm"
+    validation_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.01
+    unit_mb: Annotated[float, Field(gt=0.0)] = 64.0  # input per work unit: the grain of parallelism and resume
+    workers: NonNegInt = 0  # processes per node; 0 = one per core
+    max_line_chars: PosInt = 100_000  # longer lines are skipped and counted
+    masking: MaskingConfig = MaskingConfig()
+
+
+class ModelConfig(Section):
+    preset: Literal["tiny", "mini", "small", "medium", "base", "large"] = "base"
+    hidden_size: PosInt | None = None  # set any of these to depart from the preset
+    num_layers: PosInt | None = None
+    num_heads: PosInt | None = None
+    intermediate_size: PosInt | None = None
+    max_position_embeddings: PosInt = 512
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    sparse_mlm_head: bool = True  # decode only masked positions
+
+
+class OptimizerConfig(Section):
+    name: Literal["lamb", "adamw", "onebit_adam", "onebit_lamb"] = "lamb"
+    lr: Annotated[float, Field(gt=0.0)] = 6e-3
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0.0)] = 1e-6
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    freeze_step: NonNegInt = 0  # 1-bit optimizers: full-precision warmup steps
+
+
+class ScheduleConfig(Section):
+    warmup: Fraction = 0.2843  # fraction of the phase's steps (the LAMB paper's 128-phase value)
+    decay: Literal["poly", "linear", "constant"] = "poly"
+    power: Annotated[float, Field(gt=0.0)] = 0.5
+    min_lr_ratio: Fraction = 0.0
+
+
+class PhaseConfig(Section):
+    seq_len: Annotated[int, Field(ge=16, le=8192)]
+    steps: PosInt
+    global_batch_size: PosInt
+    micro_batch_size: PosInt
+    lr: Annotated[float, Field(gt=0.0)] | None = None  # default: optimizer.lr
+
+
+class PretrainConfig(Section):
+    phases: list[PhaseConfig] = Field(default_factory=list)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
+    checkpoint_every: PosInt = 1000
+    keep_last: PosInt = 2
+    eval_every: PosInt = 500
+    eval_batches: PosInt = 20
+    log_every: PosInt = 10
+    peak_tflops: Annotated[float, Field(gt=0.0)] = 989.0  # per device, for MFU (H100 bf16 dense)
+
+
+class DistributedConfig(Section):
+    ds_config: Path = Path("ds_configs/cpu_demo.json")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_minutes: PosInt = 60
+
+
+class SearchConfig(Section):
+    mode: Literal["earlybird", "fixed", "random"] = "earlybird"
+    l1_heads: Annotated[float, Field(ge=0.0)] = 1e-4
+    l1_ffn: Annotated[float, Field(ge=0.0)] = 1e-4
+    head_prune_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 1 / 3
+    ffn_prune_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.4
+    head_scope: Literal["layerwise", "global"] = "layerwise"
+    ffn_scope: Literal["layerwise", "global"] = "global"
+    check_every: PosInt = 100
+    fifo_size: Annotated[int, Field(ge=2)] = 5
+    distance_threshold: Fraction = 0.1
+    max_steps: PosInt = 2000
+    fixed_step: PosInt | None = None  # mode=fixed: draw the ticket at this step
+
+
+class RetrainConfig(Section):
+    rewind: Literal["search_start", "search_end"] = "search_start"
+
+
+class FinetuneTaskConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    kind: Literal["classification", "regression", "squad"]
+    train: Path
+    dev: Path
+    test: Path | None = None
+    text_column: str = "sentence"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    labels: list[str] | None = None  # inferred from train when not given
+    max_seq_len: Annotated[int, Field(ge=16, le=8192)] = 128
+    doc_stride: PosInt = 128  # squad windows
+
+
+class FinetuneConfig(Section):
+    init: str = "pretrain"  # a stage name (pretrain, retrain, prune) or an HF BERT directory
+    tasks: list[FinetuneTaskConfig] = Field(default_factory=list)
+    epochs: PosInt = 3
+    lr: Annotated[float, Field(gt=0.0)] = 2e-5
+    batch_size: PosInt = 32
+    warmup: Fraction = 0.1
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+
+
+class RunConfig(Section):
+    run: RunSection
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    search: SearchConfig = SearchConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+    def section_hash(self, sections: tuple[str, ...]) -> str:
+        """Content hash of the named sections (and the seed): what a stage's output depends on."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        payload["seed"] = self.run.seed
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, merge and validate a run config; any problem is one `ConfigError` line."""
+    path = Path(path)
+    raw = _read_yaml_chain(path, seen=())
+    override_keys = set()
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value, item)
+        override_keys.add(key)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, override_keys)) from None
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {reason}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _read_yaml_chain((path.parent / str(base)), seen + (path.resolve(),))
+    return _deep_merge(parent, data)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item}: expected section.field=value")
+    try:
+        value = yaml.safe_load(text)  # so 8 is an int, [128, 512] a list, true a bool
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, item: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError, path: Path, override_keys: set[str]) -> str:
+    """The first validation error as 'file: field: reason' (a user fixes one thing at a time)."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    where = f"--set {loc}" if loc in override_keys else f"{path}: {loc}"
+    reason = err["msg"]
+    if err["type"] == "extra_forbidden":
+        reason = "unknown field" + _suggestion(err["loc"])
+    elif err["type"] == "missing":
+        reason = "required field is missing"
+    elif "input" in err and not isinstance(err["input"], dict | list):
+        reason += f" (got {err['input']!r})"
+    more = len(exc.errors()) - 1
+    suffix = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
+    return f"{where}: {reason}{suffix}"
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        model = _model_of(annotation)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):  # list[SourceConfig], X | None
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,1 @@
+"""Corpus readers, tokenizer, packing, shard files, and the training data loader."""

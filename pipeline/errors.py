@@ -1,0 +1,19 @@
+"""The one exception type a user is meant to see.
+
+Anything raised as `PipelineError` is printed by `python -m pipeline` as a single line and
+exits with code 2; everything else is a bug and keeps its traceback.
+"""
+
+
+class PipelineError(Exception):
+    """A problem with the user's input (config, files, run directory), not with the code."""
+
+    exit_code = 2
+
+
+class ConfigError(PipelineError):
+    """The run config cannot be read or does not validate."""
+
+
+class StageInputError(PipelineError):
+    """A stage's input (another stage's output, or an external file) is missing or incomplete."""

@@ -1,0 +1,147 @@
+"""Runs one stage: check its inputs, skip it when nothing changed, record it in `stage.json`.
+
+The lifecycle, identical on every rank:
+  1. every upstream stage this one reads must be complete, or we stop with its name;
+  2. a complete record with the same config hash, the same input hashes and all outputs
+     present means the stage is skipped (`force` reruns it);
+  3. rank 0 marks the stage `running`, everybody runs it, rank 0 marks it `complete`
+     only after all ranks returned and the outputs were hashed.
+A stage killed at any point is left `running` (or `failed`), which is never skipped; its
+next run resumes from whatever partial work the stage itself knows how to reuse.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.console import get_logger
+from pipeline.dist import Dist
+from pipeline.errors import PipelineError, StageInputError
+from pipeline.rundir import RunDir, StageRecord, atomic_write_text, host_name, now_iso
+from pipeline.stages import StageSpec, stage_specs
+
+
+@dataclass(frozen=True)
+class StageContext:
+    cfg: RunConfig
+    spec: StageSpec
+    run_dir: RunDir
+    dist: Dist
+    inputs: dict[str, StageRecord]  # upstream stage name -> its complete record
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir.stage_dir(self.spec.name)
+
+    @property
+    def log(self) -> logging.Logger:
+        return get_logger(self.spec.name)
+
+    def input_dir(self, stage: str) -> Path:
+        return self.run_dir.stage_dir(stage)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    outputs: list[Path]  # the files that make the stage complete (absolute or stage-relative)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def run_stage(name: str, cfg: RunConfig, dist: Dist, force: bool = False) -> StageRecord:
+    spec = stage_specs()[name]
+    run_dir = RunDir(cfg.run.root, cfg.run.name)
+    log = get_logger(name)
+    inputs = check_inputs(spec, cfg, run_dir)
+    if not spec.available():
+        raise PipelineError(f"stage '{name}' is not part of this version of the pipeline")
+    module = importlib.import_module(spec.module)
+    input_hashes = {stage: rec.fingerprint() for stage, rec in inputs.items()}
+    external = getattr(module, "input_fingerprints", None)
+    if external is not None:  # files outside the run directory, e.g. a raw corpus
+        input_hashes.update(external(cfg))
+    config_hash = cfg.section_hash(spec.sections)
+    previous = run_dir.read_record(name)
+    if not force and _up_to_date(previous, config_hash, input_hashes, run_dir):
+        log.info(f"[bold]{name}[/]: up to date in {run_dir.stage_dir(name)}, skipped (--force reruns it)",
+                 extra={"markup": True})
+        return previous
+    dist.barrier()  # every rank has read the old record before rank 0 replaces it
+    started = now_iso()
+    if dist.is_main:
+        _prepare_stage_dir(run_dir, name, previous, config_hash, input_hashes, force, log)
+        atomic_write_text(run_dir.path / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run_dir.stage_dir(name) / "config.yaml", cfg.to_yaml())
+        run_dir.write_record(_record(name, "running", config_hash, input_hashes, started, dist))
+    dist.barrier()
+    ctx = StageContext(cfg, spec, run_dir, dist, inputs)
+    try:
+        result = module.run(ctx)
+    except BaseException as exc:
+        if dist.is_main:
+            run_dir.write_record(_record(name, "failed", config_hash, input_hashes, started, dist,
+                                         error=f"{type(exc).__name__}: {exc}"))
+        raise
+    dist.barrier()  # outputs of every rank are on disk
+    if dist.is_main:
+        record = _record(name, "complete", config_hash, input_hashes, started, dist,
+                         outputs=run_dir.describe_output(name, result.outputs), metrics=result.metrics)
+        run_dir.write_record(record)
+    dist.barrier()  # nobody moves on (run-all) before the record exists
+    return run_dir.read_record(name)
+
+
+def check_inputs(spec: StageSpec, cfg: RunConfig, run_dir: RunDir) -> dict[str, StageRecord]:
+    inputs = {}
+    for upstream in spec.needs(cfg):
+        record = run_dir.read_record(upstream)
+        where = run_dir.record_path(upstream)
+        if record is None:
+            raise StageInputError(f"stage '{spec.name}' needs stage '{upstream}', which has not run "
+                                  f"(no {where}); run `python -m pipeline {upstream}` first")
+        if record.status != "complete":
+            raise StageInputError(f"stage '{spec.name}' needs stage '{upstream}', which is "
+                                  f"{record.status} ({where}); rerun `python -m pipeline {upstream}`")
+        missing = run_dir.missing_outputs(record)
+        if missing:
+            raise StageInputError(f"stage '{spec.name}' needs stage '{upstream}', whose output "
+                                  f"{run_dir.stage_dir(upstream) / missing[0]} is missing or changed")
+        inputs[upstream] = record
+    return inputs
+
+
+def _up_to_date(previous: StageRecord | None, config_hash: str, input_hashes: dict[str, str],
+                run_dir: RunDir) -> bool:
+    return (previous is not None and previous.status == "complete"
+            and previous.config_hash == config_hash and previous.inputs == input_hashes
+            and not run_dir.missing_outputs(previous))
+
+
+def _prepare_stage_dir(run_dir: RunDir, name: str, previous: StageRecord | None, config_hash: str,
+                       input_hashes: dict[str, str], force: bool, log: logging.Logger) -> None:
+    """Keep partial work only when it was made by the same config from the same inputs.
+
+    Stale work is moved aside rather than deleted: a typo in a config must not cost a week
+    of checkpoints.
+    """
+    stage_dir = run_dir.stage_dir(name)
+    same = previous is not None and previous.config_hash == config_hash and previous.inputs == input_hashes
+    if stage_dir.exists() and previous is not None and (force or not same):
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        aside = stage_dir.with_name(f"{name}.old-{stamp}")
+        stage_dir.rename(aside)
+        why = "--force" if force else "config or inputs changed"
+        log.warning(f"{name}: {why}; previous output moved to {aside}")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _record(name: str, status: str, config_hash: str, inputs: dict[str, str], started: str, dist: Dist,
+            **extra: Any) -> StageRecord:
+    ended = now_iso() if status != "running" else None
+    return StageRecord(stage=name, status=status, config_hash=config_hash, inputs=inputs, started_at=started,
+                       ended_at=ended, world_size=dist.world_size, host=host_name(), **extra)

@@ -1,0 +1,47 @@
+"""The stages, their order, what each reads from the run directory and which config sections it uses.
+
+Each stage lives in `pipeline/stages/<name>.py` and exposes `run(ctx: StageContext) -> StageResult`
+(`pipeline.runner`); nothing here imports a stage, so listing stages costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.config import RunConfig
+
+ORDER = ("prepare", "pretrain", "search", "prune", "retrain", "finetune")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    sections: tuple[str, ...]  # config sections the stage's output depends on (hashed)
+    needs: Callable[[RunConfig], tuple[str, ...]]  # stages whose outputs it reads
+
+    @property
+    def module(self) -> str:
+        return f"pipeline.stages.{self.name}"
+
+    def available(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+
+def _finetune_needs(cfg: RunConfig) -> tuple[str, ...]:
+    # finetune may start from a stage's export or from any HF BERT directory on disk
+    return (cfg.finetune.init,) if cfg.finetune.init in ORDER else ()
+
+
+def stage_specs() -> dict[str, StageSpec]:
+    train = ("model", "optimizer", "schedule", "pretrain", "distributed")
+    specs = (
+        StageSpec("prepare", ("data",), lambda cfg: ()),
+        StageSpec("pretrain", ("data",) + train, lambda cfg: ("prepare",)),
+        StageSpec("search", ("data", "search") + train, lambda cfg: ("prepare",)),
+        StageSpec("prune", ("search",), lambda cfg: ("search",)),
+        StageSpec("retrain", ("data", "retrain") + train, lambda cfg: ("prepare", "prune")),
+        StageSpec("finetune", ("finetune", "distributed"), _finetune_needs),
+    )
+    return {spec.name: spec for spec in specs}

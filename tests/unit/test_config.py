@@ -1,0 +1,120 @@
+"""Config errors are one line naming the file, the field and the reason, with exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pipeline.__main__ import main
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from tests.conftest import run_cli, write_config
+
+GOOD = {"run": {"name": "t", "root": "runs"},
+        "data": {"sources": [{"kind": "text", "paths": ["corpus"]}]}}
+
+
+def _error_line(capsys, path: Path, *extra: str) -> str:
+    code = main(["prepare", "--config", str(path), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_valid_config_loads_with_defaults(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", GOOD))
+    assert cfg.run.name == "t" and cfg.data.seq_lengths == [128, 512] and cfg.optimizer.name == "lamb"
+    with pytest.raises(ValidationError):
+        cfg.run.seed = 3  # frozen: nothing mutates a loaded config
+
+
+def test_bad_yaml_names_file_line_and_column(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  name: t\n  root: [unclosed\n")
+    err = _error_line(capsys, path)
+    assert str(path) in err and "invalid YAML" in err and ":4:" in err
+
+
+def test_unknown_field_suggests_the_right_one(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", {**GOOD, "data": {**GOOD["data"], "seq_length": [128]}})
+    err = _error_line(capsys, path)
+    assert err == f"error: {path}: data.seq_length: unknown field (did you mean 'seq_lengths'?)"
+
+
+def test_unknown_section(tmp_path, capsys):
+    err = _error_line(capsys, write_config(tmp_path / "c.yaml", {**GOOD, "optimiser": {"lr": 1}}))
+    assert "optimiser: unknown field (did you mean 'optimizer'?)" in err
+
+
+def test_wrong_type_names_field_and_value(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", {**GOOD, "pretrain": {"log_every": "often"}})
+    err = _error_line(capsys, path)
+    assert f"{path}: pretrain.log_every:" in err and "'often'" in err
+
+
+def test_out_of_range_value(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", {**GOOD, "data": {**GOOD["data"], "validation_fraction": 0.7}})
+    err = _error_line(capsys, path)
+    assert "data.validation_fraction: Input should be less than 0.5 (got 0.7)" in err
+
+
+def test_nested_list_item_error(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", {**GOOD, "data": {"sources": [{"kind": "pdf", "paths": ["x"]}]}})
+    assert "data.sources.0.kind:" in _error_line(capsys, path)
+
+
+def test_missing_required_section(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", {"data": GOOD["data"]})
+    assert _error_line(capsys, path) == f"error: {path}: run: required field is missing"
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert "config file not found" in _error_line(capsys, tmp_path / "nope.yaml")
+
+
+def test_overrides_are_typed_and_validated(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", GOOD)
+    cfg = load_config(path, ["data.seq_lengths=[64, 128]", "run.seed=7", "model.preset=tiny"])
+    assert cfg.data.seq_lengths == [64, 128] and cfg.run.seed == 7 and cfg.model.preset == "tiny"
+    err = _error_line(capsys, path, "--set", "data.workers=-1")
+    assert err.startswith("error: --set data.workers: Input should be greater than or equal to 0")
+    assert "unknown field" in _error_line(capsys, path, "--set", "data.wrokers=1")
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        load_config(path, ["data.workers"])
+
+
+def test_base_chain_merges_and_detects_loops(tmp_path):
+    write_config(tmp_path / "base.yaml", {**GOOD, "model": {"preset": "small", "dropout": 0.2}})
+    child = write_config(tmp_path / "child.yaml", {"base": "base.yaml", "model": {"preset": "tiny"}})
+    cfg = load_config(child)
+    assert cfg.model.preset == "tiny" and cfg.model.dropout == 0.2 and cfg.run.name == "t"
+    write_config(tmp_path / "loop.yaml", {"base": "loop.yaml"})
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_stage_hash_covers_only_its_sections(tmp_path):
+    a = load_config(write_config(tmp_path / "a.yaml", GOOD))
+    b = load_config(write_config(tmp_path / "b.yaml", {**GOOD, "finetune": {"epochs": 9}}))
+    c = load_config(write_config(tmp_path / "c.yaml", {**GOOD, "data": {**GOOD["data"], "workers": 3}}))
+    assert a.section_hash(("data",)) == b.section_hash(("data",))
+    assert a.section_hash(("finetune",)) != b.section_hash(("finetune",))
+    assert a.section_hash(("data",)) != c.section_hash(("data",))
+
+
+def test_shipped_configs_are_valid():
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_cli_process_exit_code_and_single_line(tmp_path):
+    path = write_config(tmp_path / "c.yaml", {**GOOD, "model": {"preset": "huge"}})
+    proc = run_cli("prepare", "--config", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "model.preset" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,57 @@
+"""Every launcher's variables normalise to the same LaunchEnv."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.dist import LaunchEnv, detect
+
+
+def test_single_process():
+    env = detect({})
+    assert (env.launcher, env.rank, env.world_size, env.master_addr) == ("single", 0, 1, "127.0.0.1")
+
+
+def test_deepspeed_launcher():
+    env = detect({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "CROSS_RANK": "1",
+                  "CROSS_SIZE": "2", "MASTER_ADDR": "node01", "MASTER_PORT": "29600"})
+    assert env == LaunchEnv("deepspeed", 5, 8, 1, 4, 1, "node01", 29600)
+    assert not env.single_node
+
+
+def test_torchrun():
+    env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                  "GROUP_RANK": "1", "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
+    assert env == LaunchEnv("torchrun", 3, 4, 1, 2, 1, "10.0.0.1", 1234)
+
+
+def test_openmpi_single_node_rendezvous_on_loopback():
+    env = detect({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                  "OMPI_COMM_WORLD_LOCAL_SIZE": "2"})
+    assert env == LaunchEnv("openmpi", 1, 2, 1, 2, 0, "127.0.0.1", 29500)
+    assert env.single_node
+
+
+def test_openmpi_multi_node_leaves_address_to_mpi():
+    env = detect({"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+                  "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMPI_COMM_WORLD_NODE_RANK": "1"})
+    assert env.master_addr is None and env.node_rank == 1 and env.rank == 6
+
+
+def test_mpich_hydra():
+    env = detect({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2",
+                  "MASTER_ADDR": "head", "MASTER_PORT": "29555"})
+    assert env == LaunchEnv("mpich", 2, 4, 0, 2, 1, "head", 29555)
+
+
+def test_torch_style_variables_win_over_mpi():
+    # mpirun starting torchrun-style ranks that already set RANK: trust the explicit variables
+    env = detect({"RANK": "0", "WORLD_SIZE": "1", "PMI_RANK": "0", "PMI_SIZE": "1"})
+    assert env.launcher == "deepspeed" and env.world_size == 1
+
+
+@pytest.mark.parametrize("bad", [{"RANK": "2", "WORLD_SIZE": "2"},
+                                 {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "3"}])
+def test_inconsistent_env_is_refused(bad):
+    with pytest.raises(ValueError):
+        detect(bad)

@@ -1,0 +1,114 @@
+"""Loader: deterministic order, disjoint ranks, exact resume, masking statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import MaskingConfig
+from pipeline.data.loader import PretrainLoader, ShardSet
+from pipeline.data.masking import IGNORE, mask_tokens, special_mask
+from pipeline.data.tokenizer import continuation_flags
+from tests.conftest import run_cli, write_config
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, bbc_sample) -> Path:
+    root = tmp_path_factory.mktemp("loader")
+    cfg = {"run": {"name": "l", "root": str(root / "runs")},
+           "data": {"sources": [{"kind": "text", "paths": [str(bbc_sample)], "doc_split": "file"}],
+                    "tokenizer": {"kind": "bert-base-uncased"}, "seq_lengths": [64],
+                    "validation_fraction": 0.05, "unit_mb": 0.2, "workers": 1}}
+    proc = run_cli("prepare", "--config", str(write_config(root / "c.yaml", cfg)))
+    assert proc.returncode == 0, proc.stderr
+    return root / "runs" / "l" / "prepare"
+
+
+def _loader(prepared: Path, **kw) -> PretrainLoader:
+    args = {"micro_batch": 8, "masking": MaskingConfig(), "seed": 3, **kw}
+    return PretrainLoader(ShardSet(prepared, 64, "train"), **args)
+
+
+def _rows(batch: dict) -> list[tuple]:
+    ids = torch.where(batch["labels"] != IGNORE, batch["labels"], batch["input_ids"])
+    return [tuple(r.tolist()) for r in ids]
+
+
+def test_same_seed_same_batches_and_epochs_differ(prepared):
+    a, b = _loader(prepared), _loader(prepared)
+    for _ in range(5):
+        x, y = next(a), next(b)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    first = [a.make_batch(0, i)["input_ids"] for i in range(3)]
+    second = [a.make_batch(1, i)["input_ids"] for i in range(3)]
+    assert not all(torch.equal(f, s) for f, s in zip(first, second))
+    a.close(), b.close()
+
+
+def test_ranks_read_disjoint_rows_covering_the_epoch(prepared):
+    shards = ShardSet(prepared, 64, "train")
+    orders = [PretrainLoader(shards, 8, MaskingConfig(), seed=3, rank=r, world_size=3).rank_order(0) for r in range(3)]
+    assert all(len(o) == len(shards) // 3 for o in orders)
+    seen = np.concatenate(orders)
+    assert len(np.unique(seen)) == len(seen)
+
+
+def test_state_dict_resumes_at_exactly_the_next_batch(prepared):
+    straight = _loader(prepared)
+    expected = [next(straight) for _ in range(straight.batches_per_epoch + 7)]  # crosses an epoch
+    interrupted = _loader(prepared)
+    for _ in range(straight.batches_per_epoch - 2):
+        next(interrupted)
+    state = interrupted.state_dict()
+    interrupted.close()
+    resumed = _loader(prepared)
+    resumed.load_state_dict(state)
+    rest = [next(resumed) for _ in range(9)]
+    for got, want in zip(rest, expected[straight.batches_per_epoch - 2:]):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert resumed.state_dict()["epoch"] == 1
+    straight.close(), resumed.close()
+
+
+def test_an_epoch_visits_every_row_once(prepared):
+    loader = _loader(prepared)
+    rows = [r for _ in range(loader.batches_per_epoch) for r in _rows(next(loader))]
+    shards = ShardSet(prepared, 64, "train")
+    everything = {tuple(r) for r in shards.take(np.arange(len(shards)))[0].tolist()}
+    assert len(rows) == loader.batches_per_epoch * 8 and set(rows) <= everything
+    assert len(set(rows)) == len(rows) or len(everything) < len(shards)  # duplicates only if the corpus has them
+    loader.close()
+
+
+def test_masking_statistics(prepared):
+    shards = ShardSet(prepared, 64, "train")
+    ids = torch.from_numpy(shards.take(np.arange(min(len(shards), 2000)))[0])
+    masked, labels = mask_tokens(ids, MaskingConfig(), shards.info, torch.Generator().manual_seed(0))
+    special = special_mask(ids, shards.info)
+    chosen = labels != IGNORE
+    assert not (chosen & special).any()
+    rate = chosen.sum().item() / (~special).sum().item()
+    assert abs(rate - 0.15) < 0.005
+    to_mask = (masked == shards.info.mask_id) & chosen
+    kept = (masked == ids) & chosen
+    n = chosen.sum().item()
+    assert abs(to_mask.sum().item() / n - 0.8) < 0.01
+    assert abs(kept.sum().item() / n - 0.1) < 0.01  # random replacements equal to the original are rare
+    assert torch.equal(masked[~chosen], ids[~chosen])
+
+
+def test_whole_word_masking_masks_all_pieces_of_a_word(prepared):
+    shards = ShardSet(prepared, 64, "train")
+    cont = torch.tensor(continuation_flags(prepared / "tokenizer"))
+    ids = torch.from_numpy(shards.take(np.arange(min(len(shards), 1000)))[0])
+    _, labels = mask_tokens(ids, MaskingConfig(whole_word=True), shards.info, torch.Generator().manual_seed(1), cont)
+    chosen = labels != IGNORE
+    special = special_mask(ids, shards.info)
+    pieces = cont[ids] & ~special
+    pieces[:, 1:] &= ~special[:, :-1]  # a piece right after [CLS] starts its own (cut) word
+    # a continuation piece is chosen exactly when the piece before it is
+    assert torch.equal(chosen[:, 1:][pieces[:, 1:]], chosen[:, :-1][pieces[:, 1:]])
+    assert pieces.any() and abs(chosen.float().sum().item() / (~special).sum().item() - 0.15) < 0.02
