@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["prepare_throughput.py"]
+BENCHES = ["prepare_throughput.py", "pretrain_overhead.py"]
 
 
 def main() -> int:

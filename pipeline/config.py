@@ -132,6 +132,7 @@ class PretrainConfig(Section):
     eval_batches: PosInt = 20
     log_every: PosInt = 10
     peak_tflops: Annotated[float, Field(gt=0.0)] = 989.0  # per device, for MFU (H100 bf16 dense)
+    compile: bool = False  # torch.compile the encoder (static shapes per phase); worth it on GPU
 
 
 class DistributedConfig(Section):

@@ -136,7 +136,8 @@ class PretrainLoader:
         gen = torch.Generator().manual_seed(_batch_seed(self.seed, epoch, index, self.rank))
         masked, labels = mask_tokens(ids, self.masking, self.shards.info, gen, self.continuation)
         batch = {"input_ids": masked, "attention_mask": (ids != self.shards.info.pad_id).long(),
-                 "token_type_ids": torch.zeros_like(ids), "labels": labels}
+                 "token_type_ids": torch.zeros_like(ids), "labels": labels,
+                 "rows": torch.from_numpy(rows)}  # which rows these are: for audits, not for the model
         if pairs is not None:
             positions = torch.arange(ids.shape[1])
             b_start = torch.from_numpy(pairs[:, 0:1])

@@ -1,0 +1,201 @@
+"""The DeepSpeed boundary: the only module that imports `deepspeed`.
+
+It loads a real JSON from ds_configs/, fills in the values the pipeline config owns (batch
+sizes, precision, gradient clipping, the TensorBoard monitor), refuses combinations that
+cannot work before anything starts, and wraps the engine in the few calls the training
+loop needs. It also tells the LAMB optimizer how DeepSpeed flattened and partitioned the
+parameters (`flat_layouts`), from DeepSpeed's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.dist import Dist
+from pipeline.errors import ConfigError
+from pipeline.optim.lamb import FlatLayout
+
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "gradient_clipping")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    precision: str
+    grad_clip: float
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+
+def ds_config(path: Path, plan: BatchPlan, tensorboard_dir: Path | None = None, job_name: str = "pretrain",
+              on_gpu: bool | None = None) -> dict[str, Any]:
+    """The effective DeepSpeed config: the file's, with the pipeline's values filled in and checked."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"distributed.ds_config: {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    owned = {"train_batch_size": plan.global_batch, "train_micro_batch_size_per_gpu": plan.micro_batch,
+             "gradient_accumulation_steps": plan.grad_accum, "gradient_clipping": plan.grad_clip}
+    for key, value in owned.items():
+        given = cfg.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ConfigError(f"{path}: {key}={given} conflicts with the run config's {value}; set it to \"auto\"")
+        cfg[key] = value
+    _fill_precision(cfg, plan.precision, path, on_gpu)
+    _refuse_impossible(cfg, path)
+    if tensorboard_dir is not None:
+        cfg["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir), "job_name": job_name}
+    cfg["zero_allow_untested_optimizer"] = True  # the optimizer is ours (LAMB, AdamW): known to work
+    cfg.setdefault("steps_per_print", 10**9)  # the pipeline logs; DeepSpeed's own step log is noise
+    return cfg
+
+
+def _fill_precision(cfg: dict, precision: str, path: Path, on_gpu: bool) -> None:
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError("pretrain.precision: fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+    for key in ("bf16", "fp16"):
+        section = dict(cfg.get(key, {}))
+        if section.get("enabled", "auto") not in ("auto", precision == key):
+            raise ConfigError(f"{path}: {key}.enabled={section['enabled']} conflicts with precision {precision}")
+        section["enabled"] = precision == key
+        cfg[key] = section
+    if precision == "fp16":
+        cfg["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
+        cfg["fp16"].setdefault("initial_scale_power", 16)
+
+
+def _refuse_impossible(cfg: dict, path: Path) -> None:
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"{path}: zero_optimization.stage={stage} is not supported: LAMB's per-layer trust "
+                          "ratios, slimming gates and structural pruning need whole parameters (use 0, 1 or 2)")
+    if "optimizer" in cfg or "scheduler" in cfg:
+        raise ConfigError(f"{path}: optimizer and scheduler come from the run config (optimizer, schedule "
+                          "sections); remove them from the DeepSpeed JSON")
+
+
+def zero_stage(cfg: dict) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def save_ds_config(cfg: dict, path: Path) -> None:
+    from pipeline.rundir import atomic_write_json
+
+    atomic_write_json(path, cfg)
+
+
+class Engine:
+    """A DeepSpeed engine, reduced to what the training loop uses."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: dict,
+                 dist: Dist):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)  # its per-step INFO lines drown the pipeline's own log
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+        dist.init_process_group()  # ours (timeout, backend); DeepSpeed adopts an existing group
+        deepspeed.init_distributed(dist_backend=dist.backend(), auto_mpi_discovery=False,
+                                   distributed_port=dist.env.master_port, verbose=False)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], dist_init_required=False)
+        if hasattr(optimizer, "set_layouts"):
+            optimizer.set_layouts(flat_layouts(self.optimizer, len(optimizer.param_groups)))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    def __call__(self, **batch: torch.Tensor):
+        return self.ds(**{k: v.to(self.ds.device, non_blocking=True) for k, v in batch.items()})
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def log_events(self, events: list[tuple[str, float, int]]) -> None:
+        if self.ds.monitor.enabled:
+            self.ds.monitor.write_events(events)
+
+    def save(self, directory: Path, tag: str, client_state: dict) -> None:
+        self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, directory: Path, tag: str, module_only: bool = False) -> dict:
+        path, client = self.ds.load_checkpoint(str(directory), tag=tag, load_module_only=module_only,
+                                               load_optimizer_states=not module_only,
+                                               load_lr_scheduler_states=not module_only)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint {tag} in {directory}")
+        return client or {}
+
+
+def flat_layouts(ds_optimizer: Any, n_groups: int) -> list[FlatLayout | None]:
+    """How DeepSpeed laid this rank's parameters out in the flat tensors the client optimizer sees."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    layouts: list[FlatLayout | None] = []
+    for i in range(n_groups):
+        if isinstance(ds_optimizer, DeepSpeedZeroOptimizer):  # ZeRO-1/2: per-tensor padding, partitioned
+            group = ds_optimizer.real_dp_process_group[i]
+            rank = torch.distributed.get_rank(group=group)
+            size = int(ds_optimizer.partition_size[i])
+            tensors = ds_optimizer.round_robin_bit16_groups[i]
+            offsets = ds_optimizer.round_robin_bit16_offsets[i]
+            layouts.append(FlatLayout.from_offsets([t.numel() for t in tensors], list(offsets), rank * size,
+                                                   (rank + 1) * size, group))
+        elif isinstance(ds_optimizer, BF16_Optimizer):  # contiguous, partitioned
+            group = ds_optimizer.real_dp_process_group[i]
+            world, rank = torch.distributed.get_world_size(group=group), torch.distributed.get_rank(group=group)
+            size = ds_optimizer.bf16_groups_flat[i].numel() // world
+            numels = [t.numel() for t in ds_optimizer.bf16_groups[i]]
+            layouts.append(FlatLayout.from_offsets(numels, _running(numels), rank * size, (rank + 1) * size,
+                                                   group))
+        elif isinstance(ds_optimizer, FP16_Optimizer):  # contiguous, whole
+            numels = [t.numel() for t in ds_optimizer.fp16_groups[i]]
+            layouts.append(FlatLayout.from_offsets(numels, _running(numels), 0, sum(numels)))
+        else:  # the client optimizer holds the real tensors
+            layouts.append(None)
+    return layouts
+
+
+def _running(numels: list[int]) -> list[int]:
+    offsets, total = [], 0
+    for n in numels:
+        offsets.append(total)
+        total += n
+    return offsets

@@ -1,0 +1,1 @@
+"""BERT construction, the sparse MLM objective, and (later) gates and pruning."""

@@ -1,0 +1,105 @@
+"""BERT for pretraining: stock transformers modules, plus an objective that decodes only masked positions.
+
+The model is a stock `BertForMaskedLM` (or `BertForPreTraining` when the data has sentence
+pairs) with SDPA attention, so `save_pretrained` output loads in stock transformers. The
+objective runs the encoder, then applies the MLM head only to the ~15% of positions that
+carry a label: the vocabulary projection (hidden x vocab per position) dominates small and
+medium BERTs, so this is the largest single saving in pretraining, as in the fastest BERT
+implementations. With `sparse=False` it computes the same loss over all positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
+
+from pipeline.config import ModelConfig
+
+IGNORE = -100
+
+# hidden, layers, heads, intermediate (Google's BERT miniatures, BERT-base, BERT-large)
+PRESETS = {
+    "tiny": (128, 2, 2, 512),
+    "mini": (256, 4, 4, 1024),
+    "small": (512, 4, 8, 2048),
+    "medium": (512, 8, 8, 2048),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+}
+
+
+def bert_config(cfg: ModelConfig, vocab_size: int, pad_id: int = 0) -> BertConfig:
+    hidden, layers, heads, inner = PRESETS[cfg.preset]
+    hidden = cfg.hidden_size or hidden
+    heads = cfg.num_heads or heads
+    if hidden % heads:
+        raise ValueError(f"model.hidden_size {hidden} is not divisible by model.num_heads {heads}")
+    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=cfg.num_layers or layers,
+                      num_attention_heads=heads, intermediate_size=cfg.intermediate_size or inner,
+                      max_position_embeddings=cfg.max_position_embeddings, hidden_dropout_prob=cfg.dropout,
+                      attention_probs_dropout_prob=cfg.dropout, pad_token_id=pad_id)
+
+
+def build_model(config: BertConfig, pairs: bool) -> BertForMaskedLM | BertForPreTraining:
+    cls = BertForPreTraining if pairs else BertForMaskedLM
+    return cls._from_config(config, attn_implementation="sdpa")
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    correct: torch.Tensor  # masked positions predicted right (for accuracy), summed
+    masked: torch.Tensor  # masked positions in the batch
+    nsp_loss: torch.Tensor | None = None
+
+
+class PretrainObjective(nn.Module):
+    """MLM (+ NSP/SOP) loss of a stock HF BERT; the HF model is `self.hf`."""
+
+    def __init__(self, hf: BertForMaskedLM | BertForPreTraining, sparse: bool = True):
+        super().__init__()
+        self.hf = hf
+        self.sparse = sparse
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                labels: torch.Tensor, next_sentence_label: torch.Tensor | None = None) -> Output:
+        out = self.hf.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        hidden = out.last_hidden_state
+        flat_labels = labels.reshape(-1)
+        if self.sparse:
+            where = torch.nonzero(flat_labels != IGNORE).squeeze(1)
+            logits = self.hf.cls.predictions(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where))
+            targets = flat_labels.index_select(0, where)
+        else:
+            logits = self.hf.cls.predictions(hidden).reshape(-1, self.hf.config.vocab_size)
+            targets = flat_labels
+        mlm_loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
+        valid = targets != IGNORE
+        correct = ((logits.argmax(-1) == targets) & valid).sum()
+        loss, nsp_loss = mlm_loss, None
+        if next_sentence_label is not None and isinstance(self.hf, BertForPreTraining):
+            pooled = out.pooler_output
+            nsp_loss = F.cross_entropy(self.hf.cls.seq_relationship(pooled).float(), next_sentence_label)
+            loss = loss + nsp_loss
+        return Output(loss=loss, mlm_loss=mlm_loss.detach(), correct=correct, masked=valid.sum(),
+                      nsp_loss=None if nsp_loss is None else nsp_loss.detach())
+
+
+def train_flops_per_token(config: BertConfig, seq_len: int, mask_fraction: float, sparse: bool) -> float:
+    """Model FLOPs of one training step per token (forward + backward = 3x forward, matmuls only)."""
+    h, inner, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, \
+        config.vocab_size
+    dense = layers * (4 * h * h + 2 * h * inner)  # Q, K, V, O projections and the two FFN matrices
+    attention = layers * 2 * seq_len * h  # scores and weighted sum, per token
+    head_fraction = mask_fraction if sparse else 1.0
+    head = head_fraction * (h * h + h * vocab)  # transform + decoder where the head is applied
+    return 6.0 * (dense + attention + head)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Optimizers and learning-rate schedules (pure torch; DeepSpeed is only touched in pipeline.engine)."""

@@ -1,0 +1,182 @@
+"""LAMB whose trust ratios stay per layer when DeepSpeed hands it flat partitions.
+
+Written here because no maintained optimizer does this: DeepSpeed's FusedLamb is GPU-only
+and per tensor, and under ZeRO-1/2 (and its bf16 wrapper) the optimizer no longer sees
+layers at all, only one flat fp32 slice of all parameters per group on each rank. A LAMB
+that computes ||w|| and ||update|| over that slice gets one trust ratio for the whole model
+(and a different one on every rank): that is not LAMB.
+
+With a `FlatLayout` per param group (built by the engine from DeepSpeed's own partition
+bookkeeping), each flat slice is cut back into the pieces of the original tensors it
+holds; squared norms are taken per piece (one `_foreach_norm` over views), the per-tensor partial sums
+of all groups are all-reduced in one small message (a few hundred floats), and each piece
+is scaled by its own tensor's trust ratio. Without a layout the parameters are real
+tensors and the ratio is per tensor, as in the LAMB paper.
+
+Update (You et al., 2019, with Adam bias correction as in NVIDIA's BERT recipe):
+    m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+    u = m_hat / (sqrt(v_hat) + eps) + wd * w
+    w = w - lr * (||w|| / ||u||) * u        (ratio 1 where either norm is 0, or for groups
+                                             with trust_ratio=False: biases and LayerNorm)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Which original tensor each stretch of one flat (partition) tensor belongs to."""
+
+    lengths: tuple[int, ...]  # consecutive segments covering the whole local flat tensor
+    owners: tuple[int, ...]  # per segment: index of the original tensor in its group, -1 = padding
+    num_tensors: int  # original tensors in the group (the all-reduced vector's length)
+    group: object | None = None  # process group over which the tensors are partitioned; None = whole
+
+    @property
+    def kept_owners(self) -> tuple[int, ...]:
+        return tuple(o for o in self.owners if o >= 0)
+
+    @property
+    def kept_lengths(self) -> tuple[int, ...]:
+        return tuple(n for n, o in zip(self.lengths, self.owners) if o >= 0)
+
+    @property
+    def kept_starts(self) -> tuple[int, ...]:
+        starts, cursor = [], 0
+        for n, o in zip(self.lengths, self.owners):
+            if o >= 0:
+                starts.append(cursor)
+            cursor += n
+        return tuple(starts)
+
+    @staticmethod
+    def from_offsets(numels: list[int], offsets: list[int], start: int, end: int,
+                     group: object | None = None) -> FlatLayout:
+        """Tensors at `offsets` in the full flat buffer; this rank holds [start, end) of it."""
+        lengths, owners, cursor = [], [], start
+        for index, (numel, offset) in enumerate(zip(numels, offsets)):
+            lo, hi = max(offset, start), min(offset + numel, end)
+            if lo >= hi:
+                continue
+            if lo > cursor:
+                lengths.append(lo - cursor)
+                owners.append(-1)
+            lengths.append(hi - lo)
+            owners.append(index)
+            cursor = hi
+        if cursor < end:
+            lengths.append(end - cursor)
+            owners.append(-1)
+        return FlatLayout(tuple(lengths), tuple(owners), len(numels), group)
+
+
+class Lamb(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, per_tensor: bool = True):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_ratio=True)
+        super().__init__(params, defaults)
+        self.per_tensor = per_tensor  # False: one ratio per flat tensor (the naive, wrong, way)
+        self._layouts: list[FlatLayout | None] = [None] * len(self.param_groups)
+
+    def set_layouts(self, layouts: list[FlatLayout | None]) -> None:
+        if len(layouts) != len(self.param_groups):
+            raise ValueError(f"{len(layouts)} layouts for {len(self.param_groups)} param groups")
+        self._layouts = list(layouts)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        pending = []  # (param, update, group, layout) awaiting their trust ratios
+        partial = []  # per flat-laid-out param: [sum w^2 per tensor, sum u^2 per tensor]
+        for group, layout in zip(self.param_groups, self._layouts):
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = self._adam_update(param, group)
+                flat = layout is not None and self.per_tensor and group["trust_ratio"]
+                if flat:
+                    partial.append(torch.stack([_tensor_sq_sums(param, layout), _tensor_sq_sums(update, layout)]))
+                pending.append((param, update, group, layout if flat else None))
+        totals = self._reduce(partial, [item[3] for item in pending if item[3] is not None])
+        for param, update, group, layout in pending:
+            if layout is not None:
+                w_sq, u_sq = totals.pop(0)
+                ratio = _trust_ratio(w_sq.sqrt(), u_sq.sqrt())[list(layout.kept_owners)]
+                torch._foreach_mul_(_views(update, layout), list(ratio.unbind()))
+            elif group["trust_ratio"]:
+                update.mul_(_trust_ratio(param.float().norm(), update.norm()))
+            param.add_(update.to(param.dtype), alpha=-group["lr"])
+        return loss
+
+    def _adam_update(self, param: torch.Tensor, group: dict) -> torch.Tensor:
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        grad = param.grad.float()
+        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # bias corrections folded into scalars: m_hat / (sqrt(v_hat) + eps) without two more tensors
+        correction1 = 1 - beta1 ** state["step"]
+        correction2 = 1 - beta2 ** state["step"]
+        denom = state["exp_avg_sq"].sqrt().div_(correction2 ** 0.5).add_(group["eps"])
+        update = torch.div(state["exp_avg"], denom, out=denom).div_(correction1)
+        if group["weight_decay"]:
+            update.add_(param.float(), alpha=group["weight_decay"])
+        return update
+
+    @staticmethod
+    def _reduce(partial: list[torch.Tensor], layouts: list[FlatLayout]) -> list[torch.Tensor]:
+        """Sum the per-tensor partial norms across partitions: one all-reduce per process group."""
+        if not partial:
+            return []
+        groups = {id(layout.group): layout.group for layout in layouts if layout.group is not None}
+        if tdist.is_available() and tdist.is_initialized() and groups:
+            sizes = [p.shape[1] for p in partial]
+            flat = torch.cat([p.reshape(-1) for p in partial])
+            for group in groups.values():  # in practice exactly one: the data-parallel group
+                tdist.all_reduce(flat, group=group)
+            partial = [p.reshape(2, -1) for p in torch.split(flat, [2 * s for s in sizes])]
+        return list(partial)
+
+
+def _views(flat: torch.Tensor, layout: FlatLayout) -> list[torch.Tensor]:
+    """The stretches of `flat` that belong to tensors (padding left out), as views."""
+    flat = flat.reshape(-1)
+    return [flat[start:start + length] for start, length in zip(layout.kept_starts, layout.kept_lengths)]
+
+
+def _tensor_sq_sums(flat: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
+    """Per original tensor: the sum of squares over the stretch of it this rank holds.
+
+    One multi-tensor kernel over views (`_foreach_norm`), as fused LAMB implementations do;
+    a tensor occupies at most one contiguous stretch of a partition.
+    """
+    norms = torch._foreach_norm(_views(flat if flat.dtype == torch.float32 else flat.float(), layout))
+    sums = torch.zeros(layout.num_tensors, dtype=torch.float32, device=flat.device)
+    sums[list(layout.kept_owners)] = torch.stack(norms) ** 2
+    return sums
+
+
+def _trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
+    ok = (w_norm > 0) & (u_norm > 0)
+    return torch.where(ok, w_norm / torch.where(ok, u_norm, torch.ones_like(u_norm)), torch.ones_like(w_norm))
+
+
+def lamb_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """BERT's split: no weight decay and no layer adaptation for biases and LayerNorm (as in Google's LAMB)."""
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (plain if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay, "trust_ratio": True},
+            {"params": plain, "weight_decay": 0.0, "trust_ratio": False}]

@@ -1,0 +1,85 @@
+"""pretrain: token shards -> a pretrained BERT (DeepSpeed checkpoints + a stock transformers export).
+
+  1. read the prepare manifest; check the tokenizer files against the hash the data was made with;
+  2. build the model (vocab size from the manifest) and the sparse-MLM objective;
+  3. train every phase (pipeline.train), resuming from the newest checkpoint if there is one;
+  4. rank 0 exports the final weights with `save_pretrained` (safetensors, fp32) + the tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline.data.loader import manifest_tokenizer, read_manifest
+from pipeline.data.tokenizer import tokenizer_info
+from pipeline.errors import ConfigError, StageInputError
+from pipeline.model.bert import PretrainObjective, bert_config, build_model, count_parameters, train_flops_per_token
+from pipeline.runner import StageContext, StageResult
+from pipeline.train import Trainer
+
+EXPORT = "export"
+
+
+def checked_tokenizer(prepare_dir: Path):
+    """The tokenizer of the prepared data, verified against the manifest's hash."""
+    manifest = read_manifest(prepare_dir)
+    info = manifest_tokenizer(manifest)
+    actual = tokenizer_info(prepare_dir / "tokenizer")
+    if actual.sha256 != info.sha256:
+        raise StageInputError(f"{prepare_dir / 'tokenizer'}: vocab hash {actual.sha256[:12]} does not match the "
+                              f"manifest's {info.sha256[:12]}; rerun prepare")
+    return manifest, info
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg
+    prepare_dir = ctx.input_dir("prepare")
+    manifest, info = checked_tokenizer(prepare_dir)
+    longest = max(p.seq_len for p in cfg.pretrain.phases) if cfg.pretrain.phases else 0
+    if longest > cfg.model.max_position_embeddings:
+        raise ConfigError(f"pretrain.phases: seq_len {longest} exceeds model.max_position_embeddings "
+                          f"{cfg.model.max_position_embeddings}")
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and every rerun
+    config = bert_config(cfg.model, info.vocab_size, info.pad_id)
+    objective = PretrainObjective(build_model(config, pairs=manifest["objective"] != "mlm"),
+                                  sparse=cfg.model.sparse_mlm_head)
+    if cfg.pretrain.compile:  # in place, so parameter names (and the export) stay stock
+        objective.hf.bert.compile()
+    ctx.log.info(f"model: {cfg.model.preset}, {count_parameters(objective) / 1e6:.1f}M parameters, "
+                 f"vocab {info.vocab_size}, {'sparse' if cfg.model.sparse_mlm_head else 'dense'} MLM head")
+
+    def flops(seq_len: int) -> float:
+        return train_flops_per_token(config, seq_len, cfg.data.masking.probability, cfg.model.sparse_mlm_head)
+
+    trainer = Trainer(ctx, objective, prepare_dir, flops)
+    summary = trainer.run()
+    outputs = export_model(ctx, trainer.engine.module.hf, prepare_dir / "tokenizer")
+    return StageResult(outputs=outputs, metrics=_metrics(summary, objective))
+
+
+def export_model(ctx: StageContext, hf_model: torch.nn.Module, tokenizer_dir: Path) -> list[Path]:
+    """`save_pretrained` (fp32 safetensors) + tokenizer files, written aside and renamed into place."""
+    export = ctx.stage_dir / EXPORT
+    if ctx.dist.is_main:
+        tmp = ctx.stage_dir / f".{EXPORT}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = {k: v.detach().float().cpu() for k, v in hf_model.state_dict().items()}
+        hf_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer_dir / name, tmp / name)
+        shutil.rmtree(export, ignore_errors=True)
+        os.replace(tmp, export)
+    ctx.dist.barrier()
+    return sorted(p for p in export.iterdir() if p.is_file())
+
+
+def _metrics(summary: dict, objective: torch.nn.Module) -> dict:
+    metrics = {"parameters": count_parameters(objective)}
+    for phase, values in summary.items():
+        for key, value in values.items():
+            metrics[f"{phase}_{key}"] = value
+    return metrics

@@ -1,0 +1,230 @@
+"""The training loop shared by pretrain, search and retrain: phases, checkpoints, exact resume, metrics.
+
+A run is a list of phases (e.g. seq 128 then seq 512). Each phase gets its own DeepSpeed
+engine (its own batch sizes), optimizer, schedule and data loader; phase k+1 starts from
+phase k's final weights. Everything a phase needs to continue exactly is in its checkpoints,
+so rerunning the same command after a kill -9 resumes from the newest complete checkpoint
+and, on CPU with the same settings, ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from pipeline import checkpoint
+from pipeline.config import RunConfig
+from pipeline.console import progress
+from pipeline.data.loader import PretrainLoader, ShardSet
+from pipeline.engine import BatchPlan, Engine, ds_config, save_ds_config
+from pipeline.errors import ConfigError
+from pipeline.metrics import MetricsLog, StepStats
+from pipeline.optim.build import build_optimizer
+from pipeline.optim.schedule import warmup_poly
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    index: int
+    seq_len: int
+    steps: int
+    batch: BatchPlan
+    lr: float
+
+
+@dataclass
+class TrainHooks:
+    """What search adds to plain pretraining, without the loop knowing about gates."""
+
+    extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None  # e.g. L1 on slimming gates
+    after_step: Callable[[int, int], bool] | None = None  # (phase, step) -> stop now
+
+
+@dataclass
+class PhaseState:
+    step: int = 0
+    tokens: int = 0
+    samples: int = 0
+    history: dict = field(default_factory=dict)
+
+
+def plan_phases(cfg: RunConfig, world_size: int) -> list[PhasePlan]:
+    if not cfg.pretrain.phases:
+        raise ConfigError("pretrain.phases: at least one phase is needed")
+    plans = []
+    for i, phase in enumerate(cfg.pretrain.phases):
+        per_step = phase.micro_batch_size * world_size
+        if phase.global_batch_size % per_step:
+            raise ConfigError(f"pretrain.phases.{i}.global_batch_size: {phase.global_batch_size} is not a multiple "
+                              f"of micro_batch_size x ranks = {phase.micro_batch_size} x {world_size}")
+        if phase.seq_len not in cfg.data.seq_lengths:
+            raise ConfigError(f"pretrain.phases.{i}.seq_len: {phase.seq_len} is not among data.seq_lengths "
+                              f"{cfg.data.seq_lengths} that prepare wrote")
+        batch = BatchPlan(phase.micro_batch_size, phase.global_batch_size // per_step, world_size,
+                          cfg.pretrain.precision, cfg.pretrain.grad_clip)
+        plans.append(PhasePlan(i, phase.seq_len, phase.steps, batch, phase.lr or cfg.optimizer.lr))
+    return plans
+
+
+class Trainer:
+    def __init__(self, ctx, objective: torch.nn.Module, prepare_dir: Path, flops_per_token: Callable[[int], float],
+                 hooks: TrainHooks | None = None, ds_config_path: Path | None = None):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+        self.objective, self.prepare_dir, self.flops_per_token = objective, prepare_dir, flops_per_token
+        self.hooks = hooks or TrainHooks()
+        self.ds_config_path = ds_config_path or self.cfg.distributed.ds_config
+        self.ckpt_dir = ctx.stage_dir / "checkpoints"
+        self.plans = plan_phases(self.cfg, self.dist.world_size)
+
+    def run(self) -> dict:
+        """Train every phase not finished yet; return a summary per phase. Leaves the final weights loaded."""
+        position = checkpoint.latest(self.ckpt_dir)
+        metrics = MetricsLog(self.ctx.stage_dir / "metrics.jsonl", self.dist.is_main)
+        metrics.truncate_after(position)
+        summary, engine = {}, None
+        for plan in self.plans:
+            if position and (position.phase > plan.index or (position.phase == plan.index and position.phase_done)):
+                continue
+            engine, summary[f"phase{plan.index}"] = self._run_phase(plan, position, metrics)
+            position = checkpoint.latest(self.ckpt_dir)
+        if engine is None:  # everything was done by an earlier run: load the final weights
+            engine = self._engine(self.plans[-1])
+            engine.load(self.ckpt_dir, position.tag, module_only=True)
+        self.engine = engine
+        return summary
+
+    def _engine(self, plan: PhasePlan) -> Engine:
+        optimizer = build_optimizer(self.cfg.optimizer, self.objective, plan.lr)
+        scheduler = warmup_poly(optimizer, plan.steps, self.cfg.schedule)
+        tb = self.ctx.stage_dir / "tensorboard"
+        cfg = ds_config(Path(self.ds_config_path), plan.batch, tensorboard_dir=tb, job_name=f"phase{plan.index}")
+        if self.dist.is_main:
+            save_ds_config(cfg, self.ctx.stage_dir / f"ds_config.phase{plan.index}.json")
+        return Engine(self.objective, optimizer, scheduler, cfg, self.dist)
+
+    def _loaders(self, plan: PhasePlan) -> tuple[PretrainLoader, list[dict]]:
+        seed, masking = self.cfg.run.seed, self.cfg.data.masking
+        train = PretrainLoader(ShardSet(self.prepare_dir, plan.seq_len, "train"), plan.batch.micro_batch, masking,
+                               seed + 7919 * plan.index, self.dist.rank, self.dist.world_size)
+        try:
+            valid_set = ShardSet(self.prepare_dir, plan.seq_len, "valid")
+            valid = PretrainLoader(valid_set, plan.batch.micro_batch, masking, seed, self.dist.rank,
+                                   self.dist.world_size, shuffle=False)
+            n = min(self.cfg.pretrain.eval_batches, valid.batches_per_epoch)
+            return train, [valid.make_batch(0, i) for i in range(n)]
+        except Exception:  # noqa: BLE001 - no validation rows (fraction 0 or a tiny corpus): train without eval
+            return train, []
+
+    def _run_phase(self, plan: PhasePlan, position, metrics: MetricsLog) -> tuple[Engine, dict]:
+        engine = self._engine(plan)
+        loader, eval_batches = self._loaders(plan)
+        state = self._resume(engine, loader, plan, position)
+        log_every, eval_every = self.cfg.pretrain.log_every, self.cfg.pretrain.eval_every
+        stats = StepStats()
+        if state.step == 0 and eval_batches:
+            state.history["initial_eval_loss"] = self._evaluate(engine, eval_batches)
+        with progress(self.dist.rank) as bar:
+            task = bar.add_task(f"phase {plan.index} (seq {plan.seq_len})", total=plan.steps, completed=state.step)
+            stop = False
+            while state.step < plan.steps and not stop:
+                stats.add(self._train_step(engine, loader, plan))
+                state.step += 1
+                state.samples += plan.batch.global_batch
+                state.tokens += plan.batch.global_batch * plan.seq_len
+                stop = bool(self.hooks.after_step and self.hooks.after_step(plan.index, state.step))
+                last = state.step == plan.steps or stop
+                record = {"phase": plan.index, "step": state.step}
+                if state.step % log_every == 0 or last:
+                    record.update(self._log_record(engine, plan, state, stats.flush(self.dist)))
+                if eval_batches and (state.step % eval_every == 0 or last):
+                    record["eval_loss"] = self._evaluate(engine, eval_batches)
+                    record["eval_ppl"] = float(torch.exp(torch.tensor(min(record["eval_loss"], 50.0))))
+                    state.history["final_eval_loss"] = record["eval_loss"]
+                if len(record) > 2:
+                    metrics.write(record)
+                    self._log_line(record, plan)
+                    engine.log_events([(f"train/{k}", v, state.step) for k, v in record.items()
+                                       if isinstance(v, float)])
+                    bar.update(task, description=f"phase {plan.index} loss {record.get('loss', 0):.3f}")
+                if state.step % self.cfg.pretrain.checkpoint_every == 0 or last:
+                    self._save(engine, loader, plan, state, phase_done=last)
+                if "eval_loss" in record or state.step % self.cfg.pretrain.checkpoint_every == 0:
+                    stats.restart_clock()
+                bar.update(task, completed=state.step)
+        loader.close()
+        return engine, {"steps": state.step, "tokens": state.tokens, **state.history}
+
+    def _log_line(self, record: dict, plan: PhasePlan) -> None:
+        if sys.stderr.isatty():
+            return  # the progress bar shows it
+        parts = [f"phase {plan.index} step {record['step']}/{plan.steps}"]
+        for key, fmt in (("loss", ".4f"), ("mlm_acc", ".3f"), ("lr", ".2e"), ("tokens_per_s", ",.0f"),
+                         ("mfu", ".3f"), ("eval_loss", ".4f")):
+            if record.get(key) is not None:
+                parts.append(f"{key} {record[key]:{fmt}}")
+        self.ctx.log.info("  ".join(parts))
+
+    def _train_step(self, engine: Engine, loader: PretrainLoader, plan: PhasePlan) -> dict:
+        sums = torch.zeros(4, device=engine.device)  # loss, masked-weighted mlm loss, correct, masked
+        digest = 0
+        for _ in range(plan.batch.grad_accum):
+            batch = next(loader)
+            digest = zlib.crc32(batch.pop("rows").numpy().tobytes(), digest)
+            out = engine(**batch)
+            loss = out.loss
+            if self.hooks.extra_loss is not None:
+                loss = loss + self.hooks.extra_loss(engine.module)
+            engine.backward(loss)
+            engine.step()
+            sums += torch.stack([loss.detach().float(), out.mlm_loss.float() * out.masked, out.correct.float(),
+                                 out.masked.float()])
+        return {"sums": sums, "rows_digest": digest, "micro": plan.batch.grad_accum}
+
+    def _log_record(self, engine: Engine, plan: PhasePlan, state: PhaseState, stats: dict) -> dict:
+        tokens_per_s = plan.batch.global_batch * plan.seq_len / max(stats["seconds_per_step"], 1e-9)
+        flops = self.flops_per_token(plan.seq_len) * tokens_per_s
+        peak = self.cfg.pretrain.peak_tflops * 1e12 * self.dist.world_size
+        return {"phase": plan.index, "step": state.step, "loss": stats["loss"], "mlm_loss": stats["mlm_loss"],
+                "mlm_acc": stats["mlm_acc"], "lr": engine.lr(), "grad_norm": engine.grad_norm(),
+                "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / plan.seq_len, "mfu": flops / peak,
+                "tokens": state.tokens, "rows_digest": stats["rows_digest"]}
+
+    @torch.no_grad()
+    def _evaluate(self, engine: Engine, batches: list[dict]) -> float:
+        engine.module.eval()
+        sums = torch.zeros(2, dtype=torch.float64)
+        for batch in batches:
+            batch = {k: v for k, v in batch.items() if k != "rows"}
+            out = engine(**batch)
+            sums += torch.tensor([float(out.mlm_loss) * float(out.masked), float(out.masked)], dtype=torch.float64)
+        engine.module.train()
+        if self.dist.world_size > 1:
+            tdist.all_reduce(sums)
+        return float(sums[0] / sums[1].clamp(min=1))
+
+    def _resume(self, engine: Engine, loader: PretrainLoader, plan: PhasePlan, position) -> PhaseState:
+        if position is None:
+            torch.manual_seed(self.cfg.run.seed * 1000 + self.dist.rank)  # dropout differs per rank
+            return PhaseState()
+        if position.phase == plan.index:
+            client = engine.load(self.ckpt_dir, position.tag)
+            loader.load_state_dict(client["loader"])
+            checkpoint.restore_rng(self.ckpt_dir, position.tag, self.dist)
+            self.ctx.log.info(f"resumed phase {plan.index} at step {position.step} from {position.tag}")
+            return PhaseState(**client["train"])
+        engine.load(self.ckpt_dir, position.tag, module_only=True)  # the previous phase's final weights
+        torch.manual_seed(self.cfg.run.seed * 1000 + 100 * plan.index + self.dist.rank)
+        self.ctx.log.info(f"phase {plan.index} starts from the weights of {position.tag}")
+        return PhaseState()
+
+    def _save(self, engine: Engine, loader: PretrainLoader, plan: PhasePlan, state: PhaseState,
+              phase_done: bool) -> None:
+        position = checkpoint.Position(plan.index, state.step, checkpoint.tag_for(plan.index, state.step), phase_done)
+        client = {"loader": loader.state_dict(), "train": state.__dict__, "phase": plan.index}
+        checkpoint.save(engine, self.ckpt_dir, position, client, self.dist, self.cfg.pretrain.keep_last)
