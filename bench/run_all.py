@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["prepare_throughput.py", "pretrain_overhead.py"]
+BENCHES = ["prepare_throughput.py", "pretrain_overhead.py", "onebit_network.py"]
 
 
 def main() -> int:

@@ -2,7 +2,8 @@
 
     checkpoints/p0-s0000500/         DeepSpeed checkpoint (model, optimizer partitions, scheduler,
                                      client state: loader position, phase, step, tokens seen)
-    checkpoints/p0-s0000500/rng-rank1.pt   each rank's RNG states (dropout differs per rank)
+    checkpoints/p0-s0000500/rank1.pt  each rank's RNG states (dropout differs per rank) and its own
+                                     optimizer state (1-bit error feedback)
     checkpoints/latest.json          the newest complete checkpoint, written last by rank 0
 A checkpoint exists only once `latest.json` names it: a kill during saving leaves the
 previous one in charge. The oldest ones beyond `keep` are deleted after a new one is named.
@@ -61,7 +62,7 @@ def set_rng_state(state: dict) -> None:
 def save(engine, directory: Path, position: Position, client_state: dict, dist: Dist, keep: int) -> None:
     directory = Path(directory)
     engine.save(directory, position.tag, client_state)
-    torch.save(rng_state(), directory / position.tag / f"rng-rank{dist.rank}.pt")
+    torch.save({"rng": rng_state(), "optimizer": engine.rank_state()}, directory / position.tag / f"rank{dist.rank}.pt")
     dist.barrier()  # every rank's files are written before the checkpoint is named
     if dist.is_main:
         atomic_write_json(directory / LATEST, position.__dict__)
@@ -69,9 +70,10 @@ def save(engine, directory: Path, position: Position, client_state: dict, dist: 
     dist.barrier()
 
 
-def restore_rng(directory: Path, tag: str, dist: Dist) -> None:
-    path = Path(directory) / tag / f"rng-rank{dist.rank}.pt"
-    set_rng_state(torch.load(path, weights_only=False))
+def restore_rank_state(engine, directory: Path, tag: str, dist: Dist) -> None:
+    state = torch.load(Path(directory) / tag / f"rank{dist.rank}.pt", weights_only=False)
+    set_rng_state(state["rng"])
+    engine.load_rank_state(state["optimizer"])
 
 
 def _prune(directory: Path, keep: int) -> None:

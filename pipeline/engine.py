@@ -41,7 +41,7 @@ class BatchPlan:
 
 
 def ds_config(path: Path, plan: BatchPlan, tensorboard_dir: Path | None = None, job_name: str = "pretrain",
-              on_gpu: bool | None = None) -> dict[str, Any]:
+              on_gpu: bool | None = None, compressed: bool = False) -> dict[str, Any]:
     """The effective DeepSpeed config: the file's, with the pipeline's values filled in and checked."""
     path = Path(path)
     try:
@@ -60,6 +60,9 @@ def ds_config(path: Path, plan: BatchPlan, tensorboard_dir: Path | None = None, 
         cfg[key] = value
     _fill_precision(cfg, plan.precision, path, on_gpu)
     _refuse_impossible(cfg, path)
+    if compressed and zero_stage(cfg) != 0:
+        raise ConfigError(f"{path}: zero_optimization.stage={zero_stage(cfg)} with a 1-bit optimizer: 1-bit Adam/LAMB "
+                          "replace the gradient all-reduce that ZeRO partitions; use stage 0")
     if tensorboard_dir is not None:
         cfg["tensorboard"] = {"enabled": True, "output_path": str(tensorboard_dir), "job_name": job_name}
     cfg["zero_allow_untested_optimizer"] = True  # the optimizer is ours (LAMB, AdamW): known to work
@@ -121,6 +124,13 @@ class Engine:
             model_parameters=[p for p in model.parameters() if p.requires_grad], dist_init_required=False)
         if hasattr(optimizer, "set_layouts"):
             optimizer.set_layouts(flat_layouts(self.optimizer, len(optimizer.param_groups)))
+        if hasattr(optimizer, "attach"):  # 1-bit optimizers switch the engine's all-reduce off after warmup
+            optimizer.attach(lambda on: setattr(self.ds, "enable_backward_allreduce", on))
+        self.client_optimizer = optimizer
+        self._dense_bytes = 0
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        world = dist.world_size
+        self._dense_step_bytes = int(2 * (world - 1) / world * 4 * n)  # ring all-reduce of fp32 gradients
 
     @property
     def module(self) -> torch.nn.Module:
@@ -137,7 +147,25 @@ class Engine:
         self.ds.backward(loss)
 
     def step(self) -> None:
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        allreduced = self.ds.enable_backward_allreduce
         self.ds.step()
+        if boundary and allreduced:
+            self._dense_bytes += self._dense_step_bytes
+
+    def comm_bytes(self) -> int:
+        """Gradient/momentum bytes this rank has sent so far (dense all-reduces estimated, 1-bit counted)."""
+        return self._dense_bytes + int(getattr(self.client_optimizer, "bytes_sent", 0))
+
+    def rank_state(self) -> dict:
+        """Optimizer state that differs per rank (1-bit error feedback); DeepSpeed saves only rank 0's."""
+        getter = getattr(self.client_optimizer, "rank_state_dict", None)
+        return getter() if getter is not None else {}
+
+    def load_rank_state(self, state: dict) -> None:
+        loader = getattr(self.client_optimizer, "load_rank_state_dict", None)
+        if loader is not None:
+            loader(state)
 
     def grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()

@@ -45,7 +45,7 @@ class StepStats:
         seconds = time.perf_counter() - self._started
         micro = self._micro * dist.world_size
         out = {"loss": loss / max(micro, 1), "mlm_loss": weighted / max(masked, 1), "mlm_acc": correct / max(masked, 1),
-               "seconds_per_step": seconds / max(self._steps, 1), "rows_digest": self._digest}
+               "seconds_per_step": seconds / max(self._steps, 1), "rows_digest": self._digest, "steps": self._steps}
         self.__init__()
         return out
 

@@ -81,6 +81,7 @@ class Trainer:
         self.ds_config_path = ds_config_path or self.cfg.distributed.ds_config
         self.ckpt_dir = ctx.stage_dir / "checkpoints"
         self.plans = plan_phases(self.cfg, self.dist.world_size)
+        self._comm_at_log: dict[int, int] = {}  # engine -> bytes sent at the last log line
 
     def run(self) -> dict:
         """Train every phase not finished yet; return a summary per phase. Leaves the final weights loaded."""
@@ -103,7 +104,8 @@ class Trainer:
         optimizer = build_optimizer(self.cfg.optimizer, self.objective, plan.lr)
         scheduler = warmup_poly(optimizer, plan.steps, self.cfg.schedule)
         tb = self.ctx.stage_dir / "tensorboard"
-        cfg = ds_config(Path(self.ds_config_path), plan.batch, tensorboard_dir=tb, job_name=f"phase{plan.index}")
+        cfg = ds_config(Path(self.ds_config_path), plan.batch, tensorboard_dir=tb, job_name=f"phase{plan.index}",
+                        compressed=self.cfg.optimizer.name.startswith("onebit"))
         if self.dist.is_main:
             save_ds_config(cfg, self.ctx.stage_dir / f"ds_config.phase{plan.index}.json")
         return Engine(self.objective, optimizer, scheduler, cfg, self.dist)
@@ -190,7 +192,11 @@ class Trainer:
         tokens_per_s = plan.batch.global_batch * plan.seq_len / max(stats["seconds_per_step"], 1e-9)
         flops = self.flops_per_token(plan.seq_len) * tokens_per_s
         peak = self.cfg.pretrain.peak_tflops * 1e12 * self.dist.world_size
+        sent = engine.comm_bytes()
+        comm = (sent - self._comm_at_log.get(id(engine), 0)) / max(stats["steps"], 1)
+        self._comm_at_log = {id(engine): sent}
         return {"phase": plan.index, "step": state.step, "loss": stats["loss"], "mlm_loss": stats["mlm_loss"],
+                "comm_bytes_per_step": comm,
                 "mlm_acc": stats["mlm_acc"], "lr": engine.lr(), "grad_norm": engine.grad_norm(),
                 "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / plan.seq_len, "mfu": flops / peak,
                 "tokens": state.tokens, "rows_digest": stats["rows_digest"]}
@@ -215,7 +221,7 @@ class Trainer:
         if position.phase == plan.index:
             client = engine.load(self.ckpt_dir, position.tag)
             loader.load_state_dict(client["loader"])
-            checkpoint.restore_rng(self.ckpt_dir, position.tag, self.dist)
+            checkpoint.restore_rank_state(engine, self.ckpt_dir, position.tag, self.dist)
             self.ctx.log.info(f"resumed phase {plan.index} at step {position.step} from {position.tag}")
             return PhaseState(**client["train"])
         engine.load(self.ckpt_dir, position.tag, module_only=True)  # the previous phase's final weights

@@ -7,6 +7,7 @@ import torch
 from pipeline.config import OptimizerConfig
 from pipeline.errors import ConfigError
 from pipeline.optim.lamb import Lamb, lamb_param_groups
+from pipeline.optim.onebit import onebit_adam, onebit_lamb
 
 
 def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -15,4 +16,9 @@ def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, lr: float) -> 
         return Lamb(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    raise ConfigError(f"optimizer.name: '{cfg.name}' is not available in this version of the pipeline")
+    if cfg.freeze_step < 1:
+        raise ConfigError(f"optimizer.freeze_step: {cfg.name} needs a full-precision warmup of at least 1 step "
+                          "(its variance is frozen after it); the papers use 15-25% of the first phase")
+    make = onebit_adam if cfg.name == "onebit_adam" else onebit_lamb
+    return make(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                freeze_step=cfg.freeze_step)

@@ -91,6 +91,8 @@ class Lamb(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        if not self.state and all(p.grad is None or not p.grad.any() for g in self.param_groups for p in g["params"]):
+            return loss  # DeepSpeed's mixed-precision wrapper "initialises state" with a zero-gradient step
         pending = []  # (param, update, group, layout) awaiting their trust ratios
         partial = []  # per flat-laid-out param: [sum w^2 per tensor, sum u^2 per tensor]
         for group, layout in zip(self.param_groups, self._layouts):
