@@ -74,8 +74,8 @@ def plan_phases(cfg: RunConfig, world_size: int) -> list[PhasePlan]:
 
 class Trainer:
     def __init__(self, ctx, objective: torch.nn.Module, prepare_dir: Path, flops_per_token: Callable[[int], float],
-                 hooks: TrainHooks | None = None, ds_config_path: Path | None = None):
-        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+                 hooks: TrainHooks | None = None, ds_config_path: Path | None = None, cfg: RunConfig | None = None):
+        self.ctx, self.cfg, self.dist = ctx, cfg or ctx.cfg, ctx.dist  # cfg: e.g. search's own phase
         self.objective, self.prepare_dir, self.flops_per_token = objective, prepare_dir, flops_per_token
         self.hooks = hooks or TrainHooks()
         self.ds_config_path = ds_config_path or self.cfg.distributed.ds_config

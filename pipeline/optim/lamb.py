@@ -82,6 +82,7 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.per_tensor = per_tensor  # False: one ratio per flat tensor (the naive, wrong, way)
         self._layouts: list[FlatLayout | None] = [None] * len(self.param_groups)
+        self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # per parameter: the update, rebuilt each step
 
     def set_layouts(self, layouts: list[FlatLayout | None]) -> None:
         if len(layouts) != len(self.param_groups):
@@ -126,11 +127,15 @@ class Lamb(torch.optim.Optimizer):
         grad = param.grad.float()
         state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        # bias corrections folded into scalars: m_hat / (sqrt(v_hat) + eps) without two more tensors
+        # bias corrections folded into scalars, m_hat / (sqrt(v_hat) + eps) built in a buffer kept across
+        # steps: on CPU, allocating (page-faulting) fresh parameter-sized tensors every step costs more
+        # than the arithmetic
         correction1 = 1 - beta1 ** state["step"]
         correction2 = 1 - beta2 ** state["step"]
-        denom = state["exp_avg_sq"].sqrt().div_(correction2 ** 0.5).add_(group["eps"])
-        update = torch.div(state["exp_avg"], denom, out=denom).div_(correction1)
+        if param not in self._scratch:  # not in `state`: scratch space has no place in checkpoints
+            self._scratch[param] = torch.empty_like(state["exp_avg"])
+        update = torch.sqrt(state["exp_avg_sq"], out=self._scratch[param]).div_(correction2 ** 0.5).add_(group["eps"])
+        torch.div(state["exp_avg"], update, out=update).div_(correction1)
         if group["weight_decay"]:
             update.add_(param.float(), alpha=group["weight_decay"])
         return update

@@ -40,7 +40,7 @@ def stage_specs() -> dict[str, StageSpec]:
         StageSpec("prepare", ("data",), lambda cfg: ()),
         StageSpec("pretrain", ("data",) + train, lambda cfg: ("prepare",)),
         StageSpec("search", ("data", "search") + train, lambda cfg: ("prepare",)),
-        StageSpec("prune", ("search",), lambda cfg: ("search",)),
+        StageSpec("prune", ("search", "retrain"), lambda cfg: ("search",)),
         StageSpec("retrain", ("data", "retrain") + train, lambda cfg: ("prepare", "prune")),
         StageSpec("finetune", ("finetune", "distributed"), _finetune_needs),
     )

@@ -51,6 +51,8 @@ def main(zero: int, steps: int, naive: bool, out: Path) -> None:
             engine.step()
     if dist.is_main:
         torch.save({k: v.detach().float().clone() for k, v in engine.module.hf.state_dict().items()}, out)
+    dist.barrier()
+    dist.shutdown()  # leaving with gloo threads alive can abort the process at exit
 
 
 if __name__ == "__main__":

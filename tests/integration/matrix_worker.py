@@ -57,6 +57,8 @@ def main(out: Path) -> None:
     results = {f"zero{z}-{p}": run(z, p, dist, out.parent) for z in (0, 1, 2) for p in ("fp32", "bf16")}
     if dist.is_main:
         out.write_text(json.dumps(results, indent=2))
+    dist.barrier()
+    dist.shutdown()  # leaving with gloo threads alive can abort the process at exit
 
 
 if __name__ == "__main__":

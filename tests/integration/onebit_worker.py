@@ -68,7 +68,7 @@ def check_optimizer(dist: Dist, name: str) -> dict:
                      labels=labels)
         engine.backward(out.loss)
         engine.step()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         checksum = torch.tensor([sum(float(p.double().sum()) for p in engine.module.parameters())], dtype=torch.float64)
         identical &= len(set(gathered(checksum, dist))) == 1
     return {"identical": identical, "losses": losses, "allreduce_on": engine.ds.enable_backward_allreduce,
@@ -82,6 +82,8 @@ def main(out: Path) -> None:
               "lamb": check_optimizer(dist, "onebit_lamb")}
     if dist.is_main:
         out.write_text(json.dumps(result, indent=2))
+    dist.barrier()
+    dist.shutdown()  # leaving with gloo threads alive can abort the process at exit
 
 
 if __name__ == "__main__":

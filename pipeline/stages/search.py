@@ -1,0 +1,152 @@
+"""search: EarlyBERT in pretraining — train with slimming gates and L1, stop when the early-bird ticket emerges.
+
+  1. build the model exactly as pretrain does (same seed: the same starting point) and keep those
+     weights (`rewind/`), which retrain starts from by default;
+  2. attach the gates and train through the unchanged pretrain loop (DeepSpeed, LAMB, checkpoints),
+     with L1 on the gates added to the loss, for at most `search.max_steps` of the first phase;
+  3. every `check_every` steps draw masks from the gates; stop when the ticket emerges (FIFO rule),
+     at `fixed_step` (EarlyBERT's fixed draw), or at the budget; `mode: random` draws a random
+     ticket of the same size without training (the ablation baseline);
+  4. write the masks (kept heads/neurons per layer), the distance history, the step of emergence,
+     the coefficient snapshots, the weights at the end, and two plots.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint
+from pipeline.config import RunConfig
+from pipeline.earlybird import EarlyBirdDetector, draw_masks, random_masks
+from pipeline.model.bert import PretrainObjective, bert_config, build_model, train_flops_per_token
+from pipeline.model.gates import SlimmingGates, gates_for
+from pipeline.model.prune import plan_summary
+from pipeline.report import plot_search
+from pipeline.rundir import atomic_write_json
+from pipeline.runner import StageContext, StageResult
+from pipeline.stages.pretrain import checked_tokenizer
+from pipeline.train import Trainer, TrainHooks
+
+
+class TicketTracker:
+    """The after-step hook: draws masks, keeps the FIFO, decides when to stop; survives resume."""
+
+    def __init__(self, cfg: RunConfig, gates: SlimmingGates, stage_dir: Path, is_main: bool):
+        self.s, self.gates, self.dir, self.is_main = cfg.search, gates, stage_dir, is_main
+        self.detector = EarlyBirdDetector(self.s.fifo_size, self.s.distance_threshold)
+        self.steps: list[int] = []
+        self.snapshots: list[dict] = []
+        self.emerged_at: int | None = None
+
+    def masks_of(self, snapshot: dict):
+        s = self.s
+        return draw_masks(snapshot["heads"], snapshot["ffn"], s.head_prune_ratio, s.ffn_prune_ratio, s.head_scope,
+                          s.ffn_scope)
+
+    def restore(self, upto_step: int) -> None:
+        """After a resume: replay the checks up to the checkpoint the trainer resumed from."""
+        path = self.dir / "snapshots.pt"
+        if not path.exists():
+            return
+        saved = torch.load(path)
+        for step, snapshot in zip(saved["steps"], saved["snapshots"]):
+            if step <= upto_step:
+                self._record(step, snapshot)
+
+    def after_step(self, phase: int, step: int) -> bool:
+        if step % self.s.check_every and step != self.s.fixed_step:
+            return False
+        snapshot = {"heads": self.gates.heads.detach().float().cpu().clone(),
+                    "ffn": self.gates.ffn.detach().float().cpu().clone()}
+        emerged = self._record(step, snapshot)
+        if self.is_main:
+            tmp = self.dir / "snapshots.pt.tmp"
+            torch.save({"steps": self.steps, "snapshots": self.snapshots}, tmp)
+            os.replace(tmp, self.dir / "snapshots.pt")
+        if self.s.mode == "fixed":
+            return step >= (self.s.fixed_step or self.s.max_steps)
+        return emerged
+
+    def _record(self, step: int, snapshot: dict) -> bool:
+        self.steps.append(step)
+        self.snapshots.append(snapshot)
+        emerged = self.detector.push(self.masks_of(snapshot))
+        if emerged and self.emerged_at is None:
+            self.emerged_at = step
+        return emerged
+
+
+def search_config(cfg: RunConfig) -> RunConfig:
+    """The search trains the first pretrain phase, for at most search.max_steps."""
+    first = cfg.pretrain.phases[0].model_copy(update={"steps": cfg.search.max_steps})
+    return cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"phases": [first]})})
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, out = ctx.cfg, ctx.stage_dir
+    prepare_dir = ctx.input_dir("prepare")
+    manifest, info = checked_tokenizer(prepare_dir)
+    torch.manual_seed(cfg.run.seed)  # the pretrain stage's starting point
+    config = bert_config(cfg.model, info.vocab_size, info.pad_id)
+    hf = build_model(config, pairs=manifest["objective"] != "mlm")
+    if ctx.dist.is_main and not (out / "rewind" / "model.safetensors").exists():
+        _save_weights(hf, out / "rewind")
+    s = cfg.search
+    if s.mode == "random":
+        masks = random_masks((config.num_hidden_layers, config.num_attention_heads),
+                             (config.num_hidden_layers, config.intermediate_size), s.head_prune_ratio,
+                             s.ffn_prune_ratio, s.head_scope, s.ffn_scope, cfg.run.seed)
+        return _finish(ctx, masks.to_plan(), config, {"mode": "random", "trained_steps": 0, "emerged_at": None}, None)
+    objective = PretrainObjective(hf, sparse=cfg.model.sparse_mlm_head)
+    objective.gates = gates_for(hf)
+    tracker = TicketTracker(cfg, objective.gates, out, ctx.dist.is_main)
+    hooks = TrainHooks(extra_loss=lambda module: module.gates.l1(s.l1_heads, s.l1_ffn), after_step=tracker.after_step)
+    scfg = search_config(cfg)
+    masking, sparse = cfg.data.masking.probability, cfg.model.sparse_mlm_head
+    trainer = Trainer(ctx, objective, prepare_dir, lambda n: train_flops_per_token(config, n, masking, sparse), hooks,
+                      cfg=scfg)
+    position = checkpoint.latest(trainer.ckpt_dir)
+    tracker.restore(position.step if position else 0)
+    summary = trainer.run()
+    if not tracker.snapshots:  # stopped before the first check: draw from the gates as they are
+        tracker.after_step(0, 0)
+    final = tracker.masks_of(tracker.snapshots[-1])
+    if ctx.dist.is_main:
+        _save_weights(trainer.engine.module.hf, out / "end", gates=objective.gates)
+    ctx.dist.barrier()
+    info_ = {"mode": s.mode, "trained_steps": summary["phase0"]["steps"] if summary else tracker.steps[-1],
+             "emerged_at": tracker.emerged_at, "budget": s.max_steps}
+    return _finish(ctx, final.to_plan(), config, info_, tracker)
+
+
+def _save_weights(hf: torch.nn.Module, directory: Path, gates: SlimmingGates | None = None) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    state = {k: v.detach().float().cpu() for k, v in hf.state_dict().items()}
+    hf.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    if gates is not None:
+        torch.save({"heads": gates.heads.detach().float().cpu(), "ffn": gates.ffn.detach().float().cpu()},
+                   tmp / "gates.pt")
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def _finish(ctx: StageContext, plan: dict, config, info: dict, tracker: TicketTracker | None) -> StageResult:
+    out = ctx.stage_dir
+    if ctx.dist.is_main:
+        steps = tracker.steps if tracker else []
+        distances = tracker.detector.history if tracker else []
+        atomic_write_json(out / "history.json", {"steps": steps, "distances": distances, **info})
+        atomic_write_json(out / "masks.json", {"plan": plan, **info, **plan_summary(plan, config)})
+        if tracker and tracker.snapshots:
+            plot_search(tracker, out)
+    ctx.dist.barrier()
+    files = [out / "masks.json", out / "history.json", out / "rewind" / "model.safetensors"]
+    files += [p for p in (out / "end").glob("*") if p.is_file()] + sorted(out.glob("*.png"))
+    if (out / "snapshots.pt").exists():
+        files.append(out / "snapshots.pt")
+    return StageResult(outputs=files, metrics={**info, **plan_summary(plan, config)})

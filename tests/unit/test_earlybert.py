@@ -1,0 +1,109 @@
+"""EarlyBERT pieces in pure torch: gates, masks, Hamming distance, the FIFO rule, exact structural pruning."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import ModelConfig
+from pipeline.earlybird import EarlyBirdDetector, Masks, draw_masks, hamming, keep_mask, random_masks
+from pipeline.model.bert import bert_config, build_model
+from pipeline.model.gates import gates_for
+from pipeline.model.prune import fold_gates, load_pruned, plan_summary, prune_model, save_pruned
+
+
+def _model(layers: int = 3, heads: int = 4):
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", dropout=0.0, num_layers=layers, num_heads=heads)
+    return build_model(bert_config(cfg, 300), pairs=False).eval()
+
+
+def _inputs():
+    ids = torch.randint(5, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 11:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_gates_at_one_change_nothing():
+    model = _model()
+    before = model(**_inputs()).logits
+    gates_for(model)
+    assert torch.equal(model(**_inputs()).logits, before)
+
+
+def test_masks_layerwise_and_global():
+    coef = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.7, 0.05]])
+    layerwise = keep_mask(coef, 0.5, "layerwise")
+    assert layerwise.tolist() == [[True, False, True, False], [False, True, True, False]]
+    global_ = keep_mask(coef, 0.25, "global")  # the 2 smallest of 8 overall
+    assert global_.tolist() == [[True, False, True, True], [True, True, True, False]]
+    assert keep_mask(-coef, 0.5, "layerwise").tolist() == layerwise.tolist()  # by magnitude
+    rand = random_masks((12, 12), (12, 3072), 1 / 3, 0.4, "layerwise", "global", seed=0)
+    assert rand.heads.sum(1).tolist() == [8] * 12 and int(rand.ffn.sum()) == round(0.6 * 12 * 3072)
+
+
+def _masks(bits: list[int]) -> Masks:
+    t = torch.tensor(bits, dtype=torch.bool)
+    return Masks(t[:4].reshape(1, 4), t[4:].reshape(1, -1))
+
+
+def test_hamming_and_fifo_rule():
+    a, b = _masks([1, 1, 0, 0, 1, 1, 1, 1, 0, 0]), _masks([1, 0, 1, 0, 1, 1, 1, 1, 0, 0])
+    assert hamming(a, a) == 0.0 and abs(hamming(a, b) - 0.2) < 1e-6
+    detector = EarlyBirdDetector(fifo_size=3, threshold=0.1)
+    assert not detector.push(a) and not detector.push(b)  # FIFO not full yet
+    assert not detector.push(a)  # full, but 0.2 from b
+    assert not detector.push(a)  # FIFO: b a a -> still 0.2
+    assert detector.push(a)  # a a a: emerged
+    assert detector.history[-1] == 0.0
+
+
+def test_synthetic_coefficient_stream_emerges_once_the_ranking_settles():
+    torch.manual_seed(0)
+    target_heads, target_ffn = torch.rand(2, 12), torch.rand(2, 64)
+    detector = EarlyBirdDetector(5, 0.1)
+    emerged = None
+    for step in range(40):
+        scale = 1.0 / (1 + step) ** 2  # the ranking stabilises as the noise decays
+        masks = draw_masks(target_heads + torch.randn(2, 12) * scale, target_ffn + torch.randn(2, 64) * scale,
+                           1 / 3, 0.4)
+        if detector.push(masks) and emerged is None:
+            emerged = step
+    assert emerged is not None and emerged >= 4
+
+
+def test_pruning_is_exact_even_for_layers_left_empty():
+    model = _model()
+    gates = gates_for(model)
+    with torch.no_grad():
+        gates.heads.uniform_(0.2, 2.0, generator=torch.Generator().manual_seed(2))
+        gates.ffn.uniform_(0.2, 2.0, generator=torch.Generator().manual_seed(3))
+        gates.heads[1] = 0.01  # global pruning takes all of layer 1's heads ...
+        gates.ffn[2] = 0.01  # ... and all of layer 2's neurons
+    masks = draw_masks(gates.heads, gates.ffn, 4 / 12, 512 / 1536, "global", "global")
+    assert not masks.heads[1].any() and not masks.ffn[2].any()
+    with torch.no_grad():
+        gates.heads.mul_(masks.heads)
+        gates.ffn.mul_(masks.ffn)
+    gated = model(**_inputs()).logits
+    gates.detach()
+    fold_gates(model, gates)
+    plan = masks.to_plan()
+    prune_model(model, plan)
+    torch.testing.assert_close(model(**_inputs()).logits, gated, rtol=1e-5, atol=1e-5)
+    summary = plan_summary(plan, model.config)
+    assert summary["layers_without_heads"] == 1 and summary["layers_without_ffn"] == 1
+
+
+def test_save_and_load_pruned(tmp_path):
+    model = _model()
+    plan = {"heads": [[0, 2], [1, 2, 3], []], "ffn": [list(range(0, 512, 2)), list(range(100)), []]}
+    prune_model(model, plan)
+    expected = model(**_inputs()).logits
+    save_pruned(model, plan, tmp_path / "m")
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))  # plain safetensors, readable by any tool
+    assert tensors["bert.encoder.layer.0.attention.self.query.weight"].shape == (2 * 32, 128)  # 2 heads of 32
+    assert tensors["bert.encoder.layer.2.intermediate.dense.weight"].shape == (0, 128)
+    reloaded = load_pruned(tmp_path / "m").eval()
+    assert torch.equal(reloaded(**_inputs()).logits, expected)
