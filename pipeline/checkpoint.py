@@ -5,6 +5,8 @@
     checkpoints/p0-s0000500/rank1.pt  each rank's RNG states (dropout differs per rank) and its own
                                      optimizer state (1-bit error feedback)
     checkpoints/latest.json          the newest complete checkpoint, written last by rank 0
+    checkpoints/phase0.json          a finished phase's summary (eval losses, steps), kept for the
+                                     stage record even after its checkpoints are pruned
 A checkpoint exists only once `latest.json` names it: a kill during saving leaves the
 previous one in charge. The oldest ones beyond `keep` are deleted after a new one is named.
 """
@@ -44,6 +46,18 @@ def latest(directory: Path) -> Position | None:
     except FileNotFoundError:
         return None
     return Position(**data)
+
+
+def save_phase_summary(directory: Path, phase: int, summary: dict) -> None:
+    atomic_write_json(Path(directory) / f"phase{phase}.json", summary)
+
+
+def phase_summary(directory: Path, phase: int) -> dict:
+    """What a phase finished by an earlier (killed) run reported, so the stage record stays complete."""
+    try:
+        return json.loads((Path(directory) / f"phase{phase}.json").read_text())
+    except FileNotFoundError:
+        return {}
 
 
 def rng_state() -> dict:

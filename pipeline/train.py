@@ -91,6 +91,7 @@ class Trainer:
         summary, engine = {}, None
         for plan in self.plans:
             if position and (position.phase > plan.index or (position.phase == plan.index and position.phase_done)):
+                summary[f"phase{plan.index}"] = checkpoint.phase_summary(self.ckpt_dir, plan.index)
                 continue
             engine, summary[f"phase{plan.index}"] = self._run_phase(plan, position, metrics)
             position = checkpoint.latest(self.ckpt_dir)
@@ -154,13 +155,19 @@ class Trainer:
                     engine.log_events([(f"train/{k}", v, state.step) for k, v in record.items()
                                        if isinstance(v, float)])
                     bar.update(task, description=f"phase {plan.index} loss {record.get('loss', 0):.3f}")
+                if last and self.dist.is_main:  # before the checkpoint that marks the phase done
+                    checkpoint.save_phase_summary(self.ckpt_dir, plan.index, self._phase_summary(state))
                 if state.step % self.cfg.pretrain.checkpoint_every == 0 or last:
                     self._save(engine, loader, plan, state, phase_done=last)
                 if "eval_loss" in record or state.step % self.cfg.pretrain.checkpoint_every == 0:
                     stats.restart_clock()
                 bar.update(task, completed=state.step)
         loader.close()
-        return engine, {"steps": state.step, "tokens": state.tokens, **state.history}
+        return engine, self._phase_summary(state)
+
+    @staticmethod
+    def _phase_summary(state: PhaseState) -> dict:
+        return {"steps": state.step, "tokens": state.tokens, **state.history}
 
     def _log_line(self, record: dict, plan: PhasePlan) -> None:
         if sys.stderr.isatty():
