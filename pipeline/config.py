@@ -163,25 +163,59 @@ class RetrainConfig(Section):
 class FinetuneTaskConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     kind: Literal["classification", "regression", "squad"]
-    train: Path
+    train: Path  # TSV/CSV/JSONL (classification, regression) or SQuAD JSON
     dev: Path
-    test: Path | None = None
+    test: Path | None = None  # predictions are written; metrics too when it has labels
+    format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"  # auto: from the file name
     text_column: str = "sentence"
-    text_pair_column: str | None = None
+    text_pair_column: str | None = None  # sentence-pair tasks (MRPC, MNLI, ...)
     label_column: str = "label"
-    labels: list[str] | None = None  # inferred from train when not given
+    labels: list[str] | None = None  # classification: inferred (sorted) from train when not given
     max_seq_len: Annotated[int, Field(ge=16, le=8192)] = 128
-    doc_stride: PosInt = 128  # squad windows
+    doc_stride: PosInt = 128  # squad: tokens shared by consecutive windows of a long context
+    max_query_len: PosInt = 64  # squad
+    version_2: bool = False  # squad v2.0: unanswerable questions, "" is a valid answer
+    epochs: PosInt | None = None  # overrides finetune.epochs for this task
+    lr: Annotated[float, Field(gt=0.0)] | None = None  # overrides finetune.lr for this task
+
+
+class FinetuneEarlyBertConfig(Section):
+    """EarlyBERT in fine-tuning: search the ticket on the task, prune, fine-tune the ticket."""
+
+    enabled: bool = False
+    search: SearchConfig = SearchConfig(check_every=10)  # gates, L1, ratios, FIFO rule: as in pretraining
+    search_epochs: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # the search budget (at most)
+    search_lr: Annotated[float, Field(gt=0.0)] = 2e-5
+    retrain_epochs: PosInt = 2
 
 
 class FinetuneConfig(Section):
-    init: str = "pretrain"  # a stage name (pretrain, retrain, prune) or an HF BERT directory
+    # what to fine-tune: stage names (pretrain, retrain: their export; prune: the pruned weights)
+    # and/or HF BERT directories; every one on every task, compared side by side
+    models: list[str] = Field(default_factory=lambda: ["pretrain"], min_length=1)
     tasks: list[FinetuneTaskConfig] = Field(default_factory=list)
     epochs: PosInt = 3
     lr: Annotated[float, Field(gt=0.0)] = 2e-5
-    batch_size: PosInt = 32
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    batch_size: PosInt = 32  # global
+    eval_batch_size: PosInt = 128
     warmup: Fraction = 0.1
+    grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    earlybert: FinetuneEarlyBertConfig = FinetuneEarlyBertConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FinetuneConfig:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models must be unique, got {self.models}")
+        for model in self.models:
+            if model in ("prepare", "search", "finetune"):
+                raise ValueError(f"'{model}' writes no model to fine-tune; use pretrain, retrain, prune or an HF "
+                                 "BERT directory")
+        return self
 
 
 class RunConfig(Section):

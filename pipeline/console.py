@@ -34,6 +34,9 @@ def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
                           log_time_format="[%X]")
     handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
     logger.addHandler(handler)
+    from transformers.utils import logging as hf_logging  # here, not at import: importing transformers is slow
+
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar per save would drown the log
     return logger
 
 
@@ -51,7 +54,7 @@ def progress(rank: int, transient: bool = False) -> Progress:
     )
 
 
-def print_table(rank: int, table: Table) -> None:
+def print_table(rank: int, table: Table, min_width: int = 100) -> None:
     """Tables go to stdout on rank 0, so they can be captured separately from the log."""
     if rank == 0:
-        Console(width=max(100, Console().width)).print(table)
+        Console(width=max(min_width, Console().width)).print(table)

@@ -41,7 +41,7 @@ class BatchPlan:
 
 
 def ds_config(path: Path, plan: BatchPlan, tensorboard_dir: Path | None = None, job_name: str = "pretrain",
-              on_gpu: bool | None = None, compressed: bool = False) -> dict[str, Any]:
+              on_gpu: bool | None = None, compressed: bool = False, section: str = "pretrain") -> dict[str, Any]:
     """The effective DeepSpeed config: the file's, with the pipeline's values filled in and checked."""
     path = Path(path)
     try:
@@ -58,7 +58,7 @@ def ds_config(path: Path, plan: BatchPlan, tensorboard_dir: Path | None = None, 
         if given != "auto" and given != value:
             raise ConfigError(f"{path}: {key}={given} conflicts with the run config's {value}; set it to \"auto\"")
         cfg[key] = value
-    _fill_precision(cfg, plan.precision, path, on_gpu)
+    _fill_precision(cfg, plan.precision, path, on_gpu, section)
     _refuse_impossible(cfg, path)
     if compressed and zero_stage(cfg) != 0:
         raise ConfigError(f"{path}: zero_optimization.stage={zero_stage(cfg)} with a 1-bit optimizer: 1-bit Adam/LAMB "
@@ -70,9 +70,9 @@ def ds_config(path: Path, plan: BatchPlan, tensorboard_dir: Path | None = None, 
     return cfg
 
 
-def _fill_precision(cfg: dict, precision: str, path: Path, on_gpu: bool) -> None:
+def _fill_precision(cfg: dict, precision: str, path: Path, on_gpu: bool, section: str) -> None:
     if precision == "fp16" and not on_gpu:
-        raise ConfigError("pretrain.precision: fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+        raise ConfigError(f"{section}.precision: fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
     for key in ("bf16", "fp16"):
         section = dict(cfg.get(key, {}))
         if section.get("enabled", "auto") not in ("auto", precision == key):

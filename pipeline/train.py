@@ -156,18 +156,18 @@ class Trainer:
                                        if isinstance(v, float)])
                     bar.update(task, description=f"phase {plan.index} loss {record.get('loss', 0):.3f}")
                 if last and self.dist.is_main:  # before the checkpoint that marks the phase done
-                    checkpoint.save_phase_summary(self.ckpt_dir, plan.index, self._phase_summary(state))
+                    checkpoint.save_phase_summary(self.ckpt_dir, plan.index, self._phase_summary(plan, state))
                 if state.step % self.cfg.pretrain.checkpoint_every == 0 or last:
                     self._save(engine, loader, plan, state, phase_done=last)
                 if "eval_loss" in record or state.step % self.cfg.pretrain.checkpoint_every == 0:
                     stats.restart_clock()
                 bar.update(task, completed=state.step)
         loader.close()
-        return engine, self._phase_summary(state)
+        return engine, self._phase_summary(plan, state)
 
-    @staticmethod
-    def _phase_summary(state: PhaseState) -> dict:
-        return {"steps": state.step, "tokens": state.tokens, **state.history}
+    def _phase_summary(self, plan: PhasePlan, state: PhaseState) -> dict:
+        return {"steps": state.step, "tokens": state.tokens, "flops": self.flops_per_token(plan.seq_len) * state.tokens,
+                **state.history}
 
     def _log_line(self, record: dict, plan: PhasePlan) -> None:
         if sys.stderr.isatty():

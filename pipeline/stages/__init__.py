@@ -30,8 +30,12 @@ class StageSpec:
 
 
 def _finetune_needs(cfg: RunConfig) -> tuple[str, ...]:
-    # finetune may start from a stage's export or from any HF BERT directory on disk
-    return (cfg.finetune.init,) if cfg.finetune.init in ORDER else ()
+    # finetune starts from stages' exports and/or HF BERT directories on disk; the pruned
+    # weights carry no tokenizer, so those read prepare's
+    stages = [m for m in cfg.finetune.models if m in ORDER]
+    if "prune" in stages:
+        stages.append("prepare")
+    return tuple(dict.fromkeys(stages))
 
 
 def stage_specs() -> dict[str, StageSpec]:

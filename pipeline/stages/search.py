@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, SearchConfig
 from pipeline.earlybird import EarlyBirdDetector, draw_masks, random_masks
 from pipeline.model.bert import PretrainObjective, bert_config, build_model, train_flops_per_token
 from pipeline.model.gates import SlimmingGates, gates_for
@@ -35,8 +35,8 @@ from pipeline.train import Trainer, TrainHooks
 class TicketTracker:
     """The after-step hook: draws masks, keeps the FIFO, decides when to stop; survives resume."""
 
-    def __init__(self, cfg: RunConfig, gates: SlimmingGates, stage_dir: Path, is_main: bool):
-        self.s, self.gates, self.dir, self.is_main = cfg.search, gates, stage_dir, is_main
+    def __init__(self, search: SearchConfig, gates: SlimmingGates, stage_dir: Path, is_main: bool):
+        self.s, self.gates, self.dir, self.is_main = search, gates, stage_dir, is_main
         self.detector = EarlyBirdDetector(self.s.fifo_size, self.s.distance_threshold)
         self.steps: list[int] = []
         self.snapshots: list[dict] = []
@@ -60,6 +60,13 @@ class TicketTracker:
     def after_step(self, phase: int, step: int) -> bool:
         if step % self.s.check_every and step != self.s.fixed_step:
             return False
+        emerged = self.check(step)
+        if self.s.mode == "fixed":
+            return step >= (self.s.fixed_step or self.s.max_steps)
+        return emerged
+
+    def check(self, step: int) -> bool:
+        """Draw masks from the gates as they are now; True when the ticket has emerged."""
         snapshot = {"heads": self.gates.heads.detach().float().cpu().clone(),
                     "ffn": self.gates.ffn.detach().float().cpu().clone()}
         emerged = self._record(step, snapshot)
@@ -67,8 +74,6 @@ class TicketTracker:
             tmp = self.dir / "snapshots.pt.tmp"
             torch.save({"steps": self.steps, "snapshots": self.snapshots}, tmp)
             os.replace(tmp, self.dir / "snapshots.pt")
-        if self.s.mode == "fixed":
-            return step >= (self.s.fixed_step or self.s.max_steps)
         return emerged
 
     def _record(self, step: int, snapshot: dict) -> bool:
@@ -103,7 +108,7 @@ def run(ctx: StageContext) -> StageResult:
         return _finish(ctx, masks.to_plan(), config, {"mode": "random", "trained_steps": 0, "emerged_at": None}, None)
     objective = PretrainObjective(hf, sparse=cfg.model.sparse_mlm_head)
     objective.gates = gates_for(hf)
-    tracker = TicketTracker(cfg, objective.gates, out, ctx.dist.is_main)
+    tracker = TicketTracker(cfg.search, objective.gates, out, ctx.dist.is_main)
     hooks = TrainHooks(extra_loss=lambda module: module.gates.l1(s.l1_heads, s.l1_ffn), after_step=tracker.after_step)
     scfg = search_config(cfg)
     masking, sparse = cfg.data.masking.probability, cfg.model.sparse_mlm_head
@@ -118,8 +123,9 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.dist.is_main:
         _save_weights(trainer.engine.module.hf, out / "end", gates=objective.gates)
     ctx.dist.barrier()
-    info_ = {"mode": s.mode, "trained_steps": summary["phase0"]["steps"] if summary else tracker.steps[-1],
-             "emerged_at": tracker.emerged_at, "budget": s.max_steps}
+    trained = summary.get("phase0", {})
+    info_ = {"mode": s.mode, "trained_steps": trained.get("steps", tracker.steps[-1]),
+             "trained_flops": trained.get("flops", 0.0), "emerged_at": tracker.emerged_at, "budget": s.max_steps}
     return _finish(ctx, final.to_plan(), config, info_, tracker)
 
 

@@ -1,0 +1,1 @@
+"""Fine-tuning tasks: data, metrics, SQuAD windows, models."""
