@@ -34,6 +34,7 @@ from pipeline.tasks.model import (
     load_tokenizer,
     resolve_source,
     save_task_model,
+    train_flops,
 )
 
 
@@ -101,12 +102,8 @@ def _variant(ctx: StageContext, tuner: FineTuner, source: ModelSource, data: Tas
     if ctx.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     ctx.dist.barrier()
-    ticket, extra_seconds, extra_flops = None, 0.0, 0.0
-    if variant == "earlybert":
-        ticket = search_ticket(tuner, cfg, source, data, out, tokenizer.pad_token_id, seed)
-        extra_seconds = ticket.info["search_seconds"]
-        dense_hf = build_task_model(source, task.kind, data.num_labels, seed)
-        extra_flops = 6.0 * _weights(dense_hf) * ticket.info["search_tokens"]
+    ticket = search_ticket(tuner, cfg, source, data, out, tokenizer.pad_token_id, seed) \
+        if variant == "earlybert" else None
     hf = build_task_model(source, task.kind, data.num_labels, seed, plan=ticket.plan if ticket else None,
                           labels=data.labels)
     epochs = cfg.earlybert.retrain_epochs if ticket else (task.epochs or cfg.epochs)
@@ -116,8 +113,9 @@ def _variant(ctx: StageContext, tuner: FineTuner, source: ModelSource, data: Tas
     _predict(ctx, tuner, hf, data, tokenizer.pad_token_id, out)
     result = {"task": task.name, "kind": task.kind, "model": source.label, "variant": variant, "dir": rel,
               "metrics": fit.best, "best_epoch": fit.best_epoch, "history": fit.history, "steps": fit.steps,
-              "seconds": fit.seconds + extra_seconds, "train_tokens": fit.train_tokens,
-              "flops": 6.0 * _weights(hf) * fit.train_tokens + extra_flops,
+              "seconds": fit.seconds + (ticket.info["search_seconds"] if ticket else 0.0),
+              "train_tokens": fit.train_tokens,
+              "flops": train_flops(hf, fit.train_tokens) + (ticket.info["search_flops"] if ticket else 0.0),
               "parameters": count_encoder_parameters(hf), "fresh_weights": hf.fresh_weights,
               "ticket": ticket.info if ticket else None}
     ctx.log.info(f"{rel}: best epoch {fit.best_epoch}: " + "  ".join(
@@ -126,11 +124,6 @@ def _variant(ctx: StageContext, tuner: FineTuner, source: ModelSource, data: Tas
         atomic_write_json(out / "result.json", result)
     ctx.dist.barrier()
     return result
-
-
-def _weights(hf) -> int:
-    """Encoder weights that cost 6 FLOPs per token in training (embedding lookups do not)."""
-    return count_encoder_parameters(hf) - sum(p.numel() for p in hf.bert.embeddings.parameters())
 
 
 def _predict(ctx: StageContext, tuner: FineTuner, hf, data: TaskData, pad_id: int, out: Path) -> None:

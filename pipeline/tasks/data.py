@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import FinetuneTaskConfig
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.rundir import atomic_write_json, atomic_write_text
 from pipeline.tasks import squad
 
 SPLITS = ("train", "dev", "test")
@@ -148,7 +149,7 @@ def _label_tensor(task: FinetuneTaskConfig, values: list, labels: list[str], spl
     return torch.tensor([index[str(v)] for v in values], dtype=torch.long)
 
 
-def _encode_table(task: FinetuneTaskConfig, split: str, tokenizer, labels: list[str] | None) -> tuple[Split, list]:
+def _encode_table(task: FinetuneTaskConfig, split: str, tokenizer) -> tuple[Split, list]:
     frame = read_table(task, split)
     texts = [str(t) for t in _column(frame, task.text_column, task, "text_column", split)]
     pairs = None
@@ -180,7 +181,7 @@ def load_task(task: FinetuneTaskConfig, tokenizer) -> TaskData:
             return TaskData(task, [], {s: _load_squad(task, s, tokenizer) for s in splits})
         except PipelineError as exc:
             raise ConfigError(f"finetune.tasks[{task.name}]: {exc}") from None
-    encoded = {s: _encode_table(task, s, tokenizer, None) for s in splits}
+    encoded = {s: _encode_table(task, s, tokenizer) for s in splits}
     labels = label_list(task, encoded["train"][1]) if task.kind == "classification" else []
     for name, (split, raw) in encoded.items():
         if raw is not None:
@@ -190,8 +191,6 @@ def load_task(task: FinetuneTaskConfig, tokenizer) -> TaskData:
 
 def write_predictions(data: TaskData, split: str, predictions, path: Path) -> None:
     """Predictions beside the run: TSV (row, prediction[, gold]) or SQuAD's {id: answer} JSON."""
-    from pipeline.rundir import atomic_write_json, atomic_write_text
-
     if data.task.kind == "squad":
         atomic_write_json(path.with_suffix(".json"), dict(predictions))
         return

@@ -21,7 +21,7 @@ from pipeline.rundir import atomic_write_json
 from pipeline.stages.search import TicketTracker
 from pipeline.tasks.data import TaskData
 from pipeline.tasks.loop import FineTuner, FitPlan, TaskObjective
-from pipeline.tasks.model import ModelSource, build_task_model
+from pipeline.tasks.model import ModelSource, build_task_model, train_flops
 
 
 @dataclass
@@ -40,7 +40,8 @@ def search_ticket(tuner: FineTuner, cfg: FinetuneConfig, source: ModelSource, da
                              (config.num_hidden_layers, config.intermediate_size), s.head_prune_ratio,
                              s.ffn_prune_ratio, s.head_scope, s.ffn_scope, seed)
         return _ticket(masks.to_plan(), config, {"mode": "random", "search_steps": 0, "search_seconds": 0.0,
-                                                 "search_tokens": 0, "emerged_at": None}, out, tuner)
+                                                 "search_tokens": 0, "search_flops": 0.0, "emerged_at": None},
+                       out, tuner)
     gates = gates_for(hf)
     tracker = TicketTracker(s, gates, out, tuner.dist.is_main)
     steps_per_epoch = math.ceil(len(data.splits["train"]) / cfg.batch_size)
@@ -56,7 +57,7 @@ def search_ticket(tuner: FineTuner, cfg: FinetuneConfig, source: ModelSource, da
         plot_search(tracker, out)
     info = {"mode": s.mode, "search_steps": result.steps, "search_budget": budget,
             "search_seconds": result.seconds, "search_tokens": result.train_tokens,
-            "emerged_at": tracker.emerged_at}
+            "search_flops": train_flops(hf, result.train_tokens), "emerged_at": tracker.emerged_at}
     return _ticket(masks.to_plan(), config, info, out, tuner)
 
 

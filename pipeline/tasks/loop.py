@@ -100,10 +100,11 @@ class FineTuner:
         return result
 
     def _engine(self, objective: nn.Module, lr: float, total_steps: int, name: str) -> Engine:
-        no_decay = [p for n, p in objective.named_parameters() if p.ndim < 2 or "LayerNorm" in n or "gates" in n]
-        decay = [p for n, p in objective.named_parameters() if not (p.ndim < 2 or "LayerNorm" in n or "gates" in n)]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        groups = {True: [], False: []}  # biases, LayerNorms and gates (L1 instead) take no weight decay
+        for n, p in objective.named_parameters():
+            groups[p.ndim < 2 or "LayerNorm" in n or "gates" in n].append(p)
+        optimizer = torch.optim.AdamW([{"params": groups[False], "weight_decay": self.cfg.weight_decay},
+                                       {"params": groups[True], "weight_decay": 0.0}], lr=lr)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.cfg.warmup * total_steps), total_steps)
         micro = self.cfg.batch_size // self.dist.world_size
         batch = BatchPlan(micro, 1, self.dist.world_size, self.cfg.precision, self.cfg.grad_clip)

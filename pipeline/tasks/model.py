@@ -113,6 +113,12 @@ def count_encoder_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.bert.parameters())
 
 
+def train_flops(model: nn.Module, tokens: int) -> float:
+    """6 FLOPs per token per encoder weight (forward + backward); embedding lookups cost none."""
+    weights = count_encoder_parameters(model) - sum(p.numel() for p in model.bert.embeddings.parameters())
+    return 6.0 * weights * tokens
+
+
 def save_task_model(model: nn.Module, tokenizer_dir: Path, directory: Path) -> None:
     """fp32 safetensors + config (+ plan) + tokenizer, written aside and renamed into place."""
     directory = Path(directory)
