@@ -98,13 +98,25 @@ class ModelConfig(Section):
     sparse_mlm_head: bool = True  # decode only masked positions
 
 
+class OnebitLambConfig(Section):
+    """1-bit LAMB's compression stage (Li et al. 2021; the defaults are the paper's)."""
+
+    coeff_beta: Fraction = 0.9  # running average of each layer's trust ratio over the warmup
+    factor_min: Annotated[float, Field(gt=0.0)] = 0.5  # bounds of the frozen ratio's adaptive factor
+    factor_max: Annotated[float, Field(gt=0.0)] = 4.0
+    factor_threshold: Fraction = 0.1  # most the factor may move in one step, relative
+
+
 class OptimizerConfig(Section):
     name: Literal["lamb", "adamw", "onebit_adam", "onebit_lamb"] = "lamb"
     lr: Annotated[float, Field(gt=0.0)] = 6e-3
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     eps: Annotated[float, Field(gt=0.0)] = 1e-6
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    # LAMB and 1-bit LAMB: each layer's trust ratio ||w|| / ||update|| is clipped to this range
+    trust_ratio_clip: tuple[Annotated[float, Field(gt=0.0)], Annotated[float, Field(gt=0.0)]] = (0.01, 10.0)
     freeze_step: NonNegInt = 0  # 1-bit optimizers: full-precision warmup steps
+    onebit_lamb: OnebitLambConfig = OnebitLambConfig()
 
 
 class ScheduleConfig(Section):
@@ -120,6 +132,7 @@ class PhaseConfig(Section):
     global_batch_size: PosInt
     micro_batch_size: PosInt
     lr: Annotated[float, Field(gt=0.0)] | None = None  # default: optimizer.lr
+    freeze_step: NonNegInt | None = None  # 1-bit optimizers: this phase's warmup (default: optimizer.freeze_step)
 
 
 class PretrainConfig(Section):

@@ -119,9 +119,21 @@ class Engine:
         dist.init_process_group()  # ours (timeout, backend); DeepSpeed adopts an existing group
         deepspeed.init_distributed(dist_backend=dist.backend(), auto_mpi_discovery=False,
                                    distributed_port=dist.env.master_port, verbose=False)
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg,
-            model_parameters=[p for p in model.parameters() if p.requires_grad], dist_init_required=False)
+        # DeepSpeed's fp16/bf16 wrapper "initialises optimizer state" by calling step() on zero
+        # gradients: for AdamW a spurious step (weight decay, an extra bias-correction count), for
+        # the 1-bit optimizers a warmup step. Told apart here, where it is known, rather than by
+        # each optimizer guessing from its gradients (a guess one rank could make and another not).
+        own_step = optimizer.__dict__.get("step")  # torch's LR scheduler wraps step() on the instance
+        optimizer.step = lambda closure=None: None
+        try:
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg,
+                model_parameters=[p for p in model.parameters() if p.requires_grad], dist_init_required=False)
+        finally:
+            if own_step is None:
+                del optimizer.step  # the class's own step again
+            else:
+                optimizer.step = own_step
         if hasattr(optimizer, "set_layouts"):
             optimizer.set_layouts(flat_layouts(self.optimizer, len(optimizer.param_groups)))
         if hasattr(optimizer, "attach"):  # 1-bit optimizers switch the engine's all-reduce off after warmup

@@ -36,6 +36,7 @@ class PhasePlan:
     steps: int
     batch: BatchPlan
     lr: float
+    freeze_step: int  # 1-bit optimizers: every phase has a fresh optimizer, so its own warmup
 
 
 @dataclass
@@ -68,7 +69,8 @@ def plan_phases(cfg: RunConfig, world_size: int) -> list[PhasePlan]:
                               f"{cfg.data.seq_lengths} that prepare wrote")
         batch = BatchPlan(phase.micro_batch_size, phase.global_batch_size // per_step, world_size,
                           cfg.pretrain.precision, cfg.pretrain.grad_clip)
-        plans.append(PhasePlan(i, phase.seq_len, phase.steps, batch, phase.lr or cfg.optimizer.lr))
+        freeze = cfg.optimizer.freeze_step if phase.freeze_step is None else phase.freeze_step
+        plans.append(PhasePlan(i, phase.seq_len, phase.steps, batch, phase.lr or cfg.optimizer.lr, freeze))
     return plans
 
 
@@ -102,7 +104,8 @@ class Trainer:
         return summary
 
     def _engine(self, plan: PhasePlan) -> Engine:
-        optimizer = build_optimizer(self.cfg.optimizer, self.objective, plan.lr)
+        optimizer = build_optimizer(self.cfg.optimizer.model_copy(update={"freeze_step": plan.freeze_step}),
+                                    self.objective, plan.lr)
         scheduler = warmup_poly(optimizer, plan.steps, self.cfg.schedule)
         tb = self.ctx.stage_dir / "tensorboard"
         cfg = ds_config(Path(self.ds_config_path), plan.batch, tensorboard_dir=tb, job_name=f"phase{plan.index}",

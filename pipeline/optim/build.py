@@ -13,12 +13,14 @@ from pipeline.optim.onebit import onebit_adam, onebit_lamb
 def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     groups = lamb_param_groups(model, cfg.weight_decay)
     if cfg.name == "lamb":
-        return Lamb(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return Lamb(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                    trust_ratio_clip=cfg.trust_ratio_clip)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.freeze_step < 1:
         raise ConfigError(f"optimizer.freeze_step: {cfg.name} needs a full-precision warmup of at least 1 step "
                           "(its variance is frozen after it); the papers use 15-25% of the first phase")
-    make = onebit_adam if cfg.name == "onebit_adam" else onebit_lamb
-    return make(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                freeze_step=cfg.freeze_step)
+    common = dict(lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, freeze_step=cfg.freeze_step)
+    if cfg.name == "onebit_adam":
+        return onebit_adam(groups, **common)
+    return onebit_lamb(groups, **common, trust_ratio_clip=cfg.trust_ratio_clip, **cfg.onebit_lamb.model_dump())

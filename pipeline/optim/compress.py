@@ -12,6 +12,12 @@ The error buffers carry what compression dropped into the next call, so over man
 average of what was sent follows the average of the inputs (tested), and every rank ends each
 call with bit-identical output. A call sends n/8 bytes of signs twice, instead of the 4n bytes
 of an fp32 tensor, plus a few scales.
+
+A sign cannot say "zero": elements named by `frozen` (e.g. embedding rows that never had a
+gradient) are left out of the scales, and come back as exact zeros with zero error, so they
+never drift. Memory: the two error buffers (4 + 4/world bytes per element) are the only state;
+the packed signs (1/8 byte per element) are allocated per call and everything else is done in
+place, block by block, so no fp32 sign buffer of the tensor's size exists.
 """
 
 from __future__ import annotations
@@ -23,15 +29,25 @@ import torch
 import torch.distributed as tdist
 
 BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+BLOCK = 1 << 20  # elements unpacked at a time: bounds the fp32 scratch to 4 MB whatever the model
 
 
-def pack_signs(x: torch.Tensor) -> torch.Tensor:
+def padded_size(numel: int, world: int) -> int:
+    """Length the compressed tensor is padded to: whole bytes of signs in every rank's chunk."""
+    return math.ceil(numel / (8 * world)) * 8 * world
+
+
+def pack_signs(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """One bit per element (1 = non-negative), eight per byte, most significant first; numel % 8 == 0."""
     if x.device.type == "cpu":  # numpy's packbits is one C pass; the torch form below makes 3 tensors
-        return torch.from_numpy(np.packbits((x.reshape(-1) >= 0).numpy()))
-    bits = (x.reshape(-1, 8) >= 0).to(torch.uint8)
-    weights = torch.tensor(BIT_WEIGHTS, dtype=torch.uint8, device=x.device)
-    return (bits * weights).sum(dim=1, dtype=torch.uint8)
+        packed = torch.from_numpy(np.packbits((x.reshape(-1) >= 0).numpy()))
+    else:
+        bits = (x.reshape(-1, 8) >= 0).to(torch.uint8)
+        weights = torch.tensor(BIT_WEIGHTS, dtype=torch.uint8, device=x.device)
+        packed = (bits * weights).sum(dim=1, dtype=torch.uint8)
+    if out is None:
+        return packed
+    return out.copy_(packed)
 
 
 def sign_table(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -53,25 +69,20 @@ def unpack_signs(packed: torch.Tensor, table: torch.Tensor | None = None,
 
 
 class CompressedAllreduce:
-    """Averages a fixed-size tensor over the ranks of `group`, 1 bit per element, with error feedback.
-
-    All working buffers are allocated once: on a CPU rank, faulting in fresh 100 MB tensors every
-    step costs more than the arithmetic.
-    """
+    """Averages a fixed-size flat tensor over the ranks of `group`, in place, 1 bit per element."""
 
     def __init__(self, numel: int, group=None, device: torch.device | str = "cpu"):
         self.group = group
         self.world = tdist.get_world_size(group) if tdist.is_initialized() else 1
+        self.rank = tdist.get_rank(group) if tdist.is_initialized() else 0
         self.numel = numel
-        self.padded = math.ceil(numel / (8 * self.world)) * 8 * self.world
+        self.padded = padded_size(numel, self.world)
         self.chunk = self.padded // self.world
         self.worker_error = torch.zeros(self.padded, device=device)
         self.server_error = torch.zeros(self.chunk, device=device)
-        self.bytes_sent = 0  # by this rank, cumulative
+        self.bytes_sent = 0  # by this rank, cumulative: what the collectives were handed, not a formula
         self._table = sign_table(device)
-        self._buf = torch.zeros(self.padded, device=device)
-        self._signs = torch.empty(self.padded, device=device)
-        self._server = torch.empty(self.chunk, device=device)
+        self._scratch = torch.empty(min(BLOCK, self.padded), device=device)
 
     def state_dict(self) -> dict:
         return {"worker_error": self.worker_error.clone(), "server_error": self.server_error.clone(),
@@ -82,38 +93,83 @@ class CompressedAllreduce:
         self.server_error.copy_(state["server_error"])
         self.bytes_sent = state["bytes_sent"]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The average of `x` over the ranks (a view of an internal buffer: copy it before the next call)."""
-        buf = self._buf
-        buf[: self.numel].copy_(x.reshape(-1))
-        buf[: self.numel].add_(self.worker_error[: self.numel])  # the padding stays 0
-        packed, scale = self._compress(buf, self.worker_error, self._signs)
+    def __call__(self, x: torch.Tensor, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace `x` (flat, `padded` long, fp32) by its average over the ranks; returns `x`.
+
+        `frozen` (bool, `padded` long, the same on every rank): elements that are exactly 0 on output.
+        The padding past `numel` must be 0 and frozen (the optimizer's buffers are laid out so).
+        """
+        error = self.worker_error.add_(x)  # x' = x + e_w, built in the error buffer itself
+        scale = self._compress(error, frozen)
+        packed = pack_signs(error)
+        self._subtract_signs(error, packed, scale, frozen)  # e_w = x' - scale * sign(x')
         if self.world == 1:
-            return self._signs.mul_(scale)[: self.numel]
+            return self._expand(x, [packed], scale.reshape(1), frozen)
         received = torch.empty_like(packed)
-        tdist.all_to_all_single(received, packed, group=self.group)
-        scales = self._gather(scale.reshape(1))
-        signs = unpack_signs(received, self._table, self._signs).reshape(self.world, self.chunk)
-        server = torch.mv(signs.t(), scales, out=self._server).div_(self.world).add_(self.server_error)
-        server_packed, server_scale = self._compress(server, self.server_error, self._signs[: self.chunk])
-        all_packed = self._gather(server_packed)
-        all_scales = self._gather(server_scale.reshape(1))
-        out = unpack_signs(all_packed, self._table, self._signs).reshape(self.world, self.chunk)
-        out.mul_(all_scales.reshape(-1, 1))
-        share = (self.world - 1) / self.world
-        self.bytes_sent += int(share * (packed.numel() + server_packed.numel() * self.world) + 8 * (self.world - 1))
-        return out.reshape(-1)[: self.numel]
+        self._all_to_all(received, packed)
+        scales = self._all_gather(scale.reshape(1))
+        server = self.server_error  # y' = mean over workers of my chunk + e_s, built in place
+        lo = self.rank * self.chunk
+        mine = None if frozen is None else frozen[lo:lo + self.chunk]
+        per_worker = self.chunk // 8
+        for worker in range(self.world):
+            signs = received[worker * per_worker:(worker + 1) * per_worker]
+            self._add_signs(server, signs, scales[worker] / self.world)
+        server_scale = self._compress(server, mine)
+        server_packed = pack_signs(server)
+        self._subtract_signs(server, server_packed, server_scale, mine)
+        gathered = received  # reused: the all-to-all's signs are consumed
+        self._all_gather(server_packed, out=gathered)
+        server_scales = self._all_gather(server_scale.reshape(1))
+        return self._expand(x, [gathered], server_scales, frozen)
 
-    def _compress(self, values: torch.Tensor, error: torch.Tensor,
-                  scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Signs and scale of `values`; `error` becomes what the 1-bit form leaves out."""
-        scale = values.norm() / math.sqrt(values.numel())
-        packed = pack_signs(values)
-        signs = unpack_signs(packed, self._table, scratch)
-        torch.mul(signs, -scale, out=error).add_(values)  # error = values - scale * sign(values)
-        return packed, scale
+    @staticmethod
+    def _compress(values: torch.Tensor, frozen: torch.Tensor | None) -> torch.Tensor:
+        """The scale ||values|| / sqrt(active elements), with frozen elements zeroed first."""
+        if frozen is None:
+            return values.norm() / math.sqrt(values.numel())
+        values.masked_fill_(frozen, 0.0)
+        active = values.numel() - int(frozen.sum())
+        return values.norm() / math.sqrt(max(active, 1))
 
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(self.world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    def _blocks(self, n: int):
+        for start in range(0, n, BLOCK):
+            yield start, min(start + BLOCK, n)
+
+    def _subtract_signs(self, values: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                        frozen: torch.Tensor | None) -> None:
+        for lo, hi in self._blocks(values.numel()):
+            signs = unpack_signs(packed[lo // 8:hi // 8], self._table, self._scratch[:hi - lo])
+            values[lo:hi].sub_(signs.mul_(scale))
+        if frozen is not None:
+            values.masked_fill_(frozen, 0.0)
+
+    def _add_signs(self, values: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> None:
+        for lo, hi in self._blocks(values.numel()):
+            signs = unpack_signs(packed[lo // 8:hi // 8], self._table, self._scratch[:hi - lo])
+            values[lo:hi].add_(signs.mul_(scale))
+
+    def _expand(self, x: torch.Tensor, packed: list[torch.Tensor], scales: torch.Tensor,
+                frozen: torch.Tensor | None) -> torch.Tensor:
+        """x = scale_w * sign, chunk w by chunk w, from the all-gathered signs."""
+        signs_all = packed[0]
+        chunk = self.padded // scales.numel()
+        for worker in range(scales.numel()):
+            part = x[worker * chunk:(worker + 1) * chunk]
+            part.zero_()
+            self._add_signs(part, signs_all[worker * chunk // 8:(worker + 1) * chunk // 8], scales[worker])
+        if frozen is not None:
+            x.masked_fill_(frozen, 0.0)
+        return x
+
+    def _all_to_all(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
+        tdist.all_to_all_single(out, tensor, group=self.group)
+        self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world - 1) // self.world
+
+    def _all_gather(self, tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(self.world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
         tdist.all_gather_into_tensor(out, tensor.contiguous(), group=self.group)
+        # what a ring all-gather sends from each rank: its piece to each of the others, once
+        self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world - 1)
         return out

@@ -16,8 +16,11 @@ tensors and the ratio is per tensor, as in the LAMB paper.
 Update (You et al., 2019, with Adam bias correction as in NVIDIA's BERT recipe):
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
     u = m_hat / (sqrt(v_hat) + eps) + wd * w
-    w = w - lr * (||w|| / ||u||) * u        (ratio 1 where either norm is 0, or for groups
+    w = w - lr * clip(||w|| / ||u||) * u    (ratio clipped to `trust_ratio_clip`, as DeepSpeed's
+                                             LAMB does; 1 where either norm is 0, or for groups
                                              with trust_ratio=False: biases and LayerNorm)
+No step decides anything from this rank's own values before a collective: under ZeRO a rank's
+partition can hold only zero gradients (unused embedding rows) while the others' do not.
 """
 
 from __future__ import annotations
@@ -77,9 +80,11 @@ class FlatLayout:
 
 class Lamb(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01, per_tensor: bool = True):
+                 weight_decay: float = 0.01, per_tensor: bool = True,
+                 trust_ratio_clip: tuple[float, float] = (0.01, 10.0)):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_ratio=True)
         super().__init__(params, defaults)
+        self.trust_ratio_clip = trust_ratio_clip
         self.per_tensor = per_tensor  # False: one ratio per flat tensor (the naive, wrong, way)
         self._layouts: list[FlatLayout | None] = [None] * len(self.param_groups)
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # per parameter: the update, rebuilt each step
@@ -92,16 +97,14 @@ class Lamb(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        if not self.state and all(p.grad is None or not p.grad.any() for g in self.param_groups for p in g["params"]):
-            return loss  # DeepSpeed's mixed-precision wrapper "initialises state" with a zero-gradient step
         pending = []  # (param, update, group, layout) awaiting their trust ratios
         partial = []  # per flat-laid-out param: [sum w^2 per tensor, sum u^2 per tensor]
         for group, layout in zip(self.param_groups, self._layouts):
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                update = self._adam_update(param, group)
                 flat = layout is not None and self.per_tensor and group["trust_ratio"]
+                if param.grad is None and not flat:
+                    continue  # a flat partition takes part in the all-reduce below whatever its gradient
+                update = self._adam_update(param, group)
                 if flat:
                     partial.append(torch.stack([_tensor_sq_sums(param, layout), _tensor_sq_sums(update, layout)]))
                 pending.append((param, update, group, layout if flat else None))
@@ -109,10 +112,10 @@ class Lamb(torch.optim.Optimizer):
         for param, update, group, layout in pending:
             if layout is not None:
                 w_sq, u_sq = totals.pop(0)
-                ratio = _trust_ratio(w_sq.sqrt(), u_sq.sqrt())[list(layout.kept_owners)]
+                ratio = trust_ratio(w_sq.sqrt(), u_sq.sqrt(), self.trust_ratio_clip)[list(layout.kept_owners)]
                 torch._foreach_mul_(_views(update, layout), list(ratio.unbind()))
             elif group["trust_ratio"]:
-                update.mul_(_trust_ratio(param.float().norm(), update.norm()))
+                update.mul_(trust_ratio(param.float().norm(), update.norm(), self.trust_ratio_clip))
             param.add_(update.to(param.dtype), alpha=-group["lr"])
         return loss
 
@@ -122,23 +125,14 @@ class Lamb(torch.optim.Optimizer):
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
-        beta1, beta2 = group["betas"]
         state["step"] += 1
-        grad = param.grad.float()
-        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        # bias corrections folded into scalars, m_hat / (sqrt(v_hat) + eps) built in a buffer kept across
-        # steps: on CPU, allocating (page-faulting) fresh parameter-sized tensors every step costs more
-        # than the arithmetic
-        correction1 = 1 - beta1 ** state["step"]
-        correction2 = 1 - beta2 ** state["step"]
         if param not in self._scratch:  # not in `state`: scratch space has no place in checkpoints
+            # kept across steps: on CPU, allocating (page-faulting) fresh parameter-sized tensors every
+            # step costs more than the arithmetic
             self._scratch[param] = torch.empty_like(state["exp_avg"])
-        update = torch.sqrt(state["exp_avg_sq"], out=self._scratch[param]).div_(correction2 ** 0.5).add_(group["eps"])
-        torch.div(state["exp_avg"], update, out=update).div_(correction1)
-        if group["weight_decay"]:
-            update.add_(param.float(), alpha=group["weight_decay"])
-        return update
+        grad = torch.zeros_like(param) if param.grad is None else param.grad
+        return adam_direction(param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group,
+                              self._scratch[param])
 
     @staticmethod
     def _reduce(partial: list[torch.Tensor], layouts: list[FlatLayout]) -> list[torch.Tensor]:
@@ -173,9 +167,30 @@ def _tensor_sq_sums(flat: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
     return sums
 
 
-def _trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
+def adam_direction(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                   step: int, group: dict, out: torch.Tensor) -> torch.Tensor:
+    """Update the moments with `grad`, then u = m_hat / (sqrt(v_hat) + eps) + wd * w, built in `out`.
+
+    Shared by LAMB and 1-bit LAMB's warmup, so the two are the same arithmetic. `out` may be `grad`
+    itself (it is read before `out` is written).
+    """
+    beta1, beta2 = group["betas"]
+    grad = grad.float()
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    correction1, correction2 = 1 - beta1 ** step, 1 - beta2 ** step  # folded into scalars
+    update = torch.sqrt(exp_avg_sq, out=out).div_(correction2 ** 0.5).add_(group["eps"])
+    torch.div(exp_avg, update, out=update).div_(correction1)
+    if group["weight_decay"]:
+        update.add_(param.float(), alpha=group["weight_decay"])
+    return update
+
+
+def trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, clip: tuple[float, float]) -> torch.Tensor:
+    """||w|| / ||u|| clipped to `clip`; 1 where either norm is 0 (fresh zero-initialised or idle tensors)."""
     ok = (w_norm > 0) & (u_norm > 0)
-    return torch.where(ok, w_norm / torch.where(ok, u_norm, torch.ones_like(u_norm)), torch.ones_like(w_norm))
+    ratio = (w_norm / torch.where(ok, u_norm, torch.ones_like(u_norm))).clamp(*clip)
+    return torch.where(ok, ratio, torch.ones_like(w_norm))
 
 
 def lamb_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

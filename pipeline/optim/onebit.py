@@ -1,15 +1,31 @@
-"""1-bit Adam and 1-bit LAMB: full-precision warmup, then frozen variance and 1-bit momentum exchange.
+"""1-bit Adam and 1-bit LAMB: a full-precision warmup, then frozen variance and 1-bit momentum exchange.
 
-Facts from the papers (Tang et al. 2021, 1-bit Adam; Li et al. 2021, 1-bit LAMB), code our own:
-  warmup (steps 1..freeze_step): plain Adam / LAMB on gradients the DeepSpeed engine all-reduces;
-  at freeze_step: the second moment v is frozen (it changes slowly once training is stable), and
-      1-bit LAMB also freezes each layer's trust ratio (an average over the warmup);
-  afterwards: the engine's gradient all-reduce is switched off (`enable_backward_allreduce`), each
-      rank folds its local gradient into its momentum, and the momentum is averaged with the
-      error-compensated 1-bit allreduce (compress.py): 1 bit per element on the wire instead of 32.
-Every rank ends each step with bit-identical parameters (the averaged momentum is the same everywhere).
-DeepSpeed's own checkpoint holds the shared state (moments, step, frozen ratios) from rank 0; the
-error-feedback buffers differ per rank, so `rank_state_dict` goes into each rank's own file.
+Facts from the papers (Tang et al. 2021, 1-bit Adam; Li et al. 2021, 1-bit LAMB), code our own.
+  warmup (steps 1..freeze_step): exactly the full-precision optimizer on the gradients the
+      DeepSpeed engine all-reduces: torch's AdamW for 1-bit Adam, this project's LAMB (clipped
+      per-layer trust ratios) for 1-bit LAMB, which also keeps a running average of each layer's ratio.
+  at freeze_step: the second moment is frozen (it changes slowly once training is stable) and the
+      engine's gradient all-reduce is switched off (`enable_backward_allreduce`).
+  afterwards: each rank folds its local gradient into its momentum and the momentum is averaged by
+      the error-compensated 1-bit allreduce (compress.py): 1 bit per element on the wire instead of 32.
+      1-bit Adam: w -= lr * m_hat / (sqrt(v_frozen) + eps), decoupled weight decay as AdamW.
+      1-bit LAMB (the paper's Algorithm 1): momentum scaled per layer before compression (one scale
+          per call would otherwise be set by the largest layers); a fresh variance reconstructed from
+          the averaged momentum; each layer's step is its frozen average trust ratio times an
+          adaptive factor max(denominator_frozen / denominator_fresh), mixed toward 1 by the
+          weight-decay share of the update, clamped to [factor_min, factor_max] and moved at most
+          factor_threshold (relative) per step.
+The momentum's bias correction 1 / (1 - beta1^t) applies in both stages, so the step does not jump at
+the switch. Elements that had no gradient during the warmup (position rows past the sequence
+length, token-type row 1 under MLM-only data, unused vocab rows) have a frozen variance of exactly
+0: the compressor keeps their momentum at exactly 0, so only weight decay moves them, as in the
+full-precision optimizers. They stay frozen for the rest of the phase (a new phase, e.g. at a longer
+sequence, warms up afresh).
+Memory per parameter: warmup 8 bytes (m, v in fp32, as Adam); afterwards m (4), the frozen variance
+in bf16 (2: a fixed preconditioner, its 8-bit mantissa moves a step by < 0.2%), the worker error (4),
+the server error (4/ranks), and for LAMB the fresh variance (4). The gradient buffer, consumed by
+then, is the scratch space. Every rank takes the same branches: nothing here decides from its own
+values before a collective.
 """
 
 from __future__ import annotations
@@ -18,19 +34,18 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.optim.compress import CompressedAllreduce
-
-RATIO_AVERAGE = 0.98  # 1-bit LAMB: how slowly the warmup average of each layer's trust ratio moves
+from pipeline.optim.compress import CompressedAllreduce, padded_size
+from pipeline.optim.lamb import adam_direction, trust_ratio
 
 
 class OnebitOptimizer(torch.optim.Optimizer):
-    """Shared machinery; `layerwise=True` is 1-bit LAMB, False is 1-bit Adam."""
+    """Flat moment buffers (one per optimizer, with per-tensor views) shared by 1-bit Adam and LAMB."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                 freeze_step: int, layerwise: bool):
+                 freeze_step: int):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_ratio=True)
         super().__init__(params, defaults)
-        self.freeze_step, self.layerwise = freeze_step, layerwise
+        self.freeze_step = freeze_step
         self.step_count = 0
         self.compressor: CompressedAllreduce | None = None
         self._set_allreduce: Callable[[bool], None] | None = None
@@ -40,20 +55,30 @@ class OnebitOptimizer(torch.optim.Optimizer):
         """Flat state over the parameters the optimizer holds *now*, on their device.
 
         Not done in __init__: DeepSpeed moves the model to the GPU after the optimizer is built,
-        and its mixed-precision wrappers swap the parameters for fp32 copies.
+        and its mixed-precision wrapper swaps the parameters for fp32 copies.
         """
         if self._buffers_ready:
             return
-        self.flat_params = [p for g in self.param_groups for p in g["params"]]
-        sizes = [p.numel() for p in self.flat_params]
-        device, total = self.flat_params[0].device, sum(sizes)
+        import torch.distributed as tdist
+
+        self.params = [p for g in self.param_groups for p in g["params"]]
+        self.groups = [g for g in self.param_groups for _ in g["params"]]
+        sizes = [p.numel() for p in self.params]
+        world = tdist.get_world_size() if tdist.is_initialized() else 1
+        self.numel, device = sum(sizes), self.params[0].device
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        self.exp_avg = torch.zeros(total, device=device)
-        self.exp_avg_sq = torch.zeros(total, device=device)  # after freeze_step: sqrt(v_hat) + eps
-        self.ratios = torch.ones(len(sizes), device=device)
-        self._grad = torch.zeros(total, device=device)  # scratch, reused every step
-        self._direction = torch.zeros(total, device=device)
+        padded = padded_size(self.numel, world)  # the compressor's length; the padding stays 0
+        self.exp_avg = torch.zeros(padded, device=device)
+        self.exp_avg_sq: torch.Tensor | None = torch.zeros(padded, device=device)  # LAMB: fresh after freeze
+        self.frozen_sq: torch.Tensor | None = None  # v_hat at the freeze, bf16
         self._buffers_ready = True
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[o:o + p.numel()].view_as(p) for p, o in zip(self.params, self.offsets)]
+
+    def set_layouts(self, layouts: list) -> None:
+        if any(layout is not None for layout in layouts):
+            raise ValueError("1-bit optimizers need whole tensors: use ZeRO stage 0 (the engine checks this)")
 
     def attach(self, set_engine_allreduce: Callable[[bool], None]) -> None:
         """The engine's switch for its own gradient all-reduce: on in warmup, off once compressing."""
@@ -68,81 +93,87 @@ class OnebitOptimizer(torch.optim.Optimizer):
     def bytes_sent(self) -> int:
         return self.compressor.bytes_sent if self.compressor is not None else 0
 
+    def _grads(self) -> list[torch.Tensor]:
+        """Each parameter's fp32 gradient; a missing one becomes zeros (the same work on every rank)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         self._ensure_buffers()
-        grad = self._gather_grads()
-        if self.step_count == 0 and not grad.any():
-            return loss  # DeepSpeed's mixed-precision wrapper "initialises state" with a zero-gradient step
         self.step_count += 1
-        direction = self._direction
-        beta1, beta2 = self.param_groups[0]["betas"]
-        eps = self.param_groups[0]["eps"]
-        self.exp_avg.lerp_(grad, 1 - beta1)
         if self.step_count <= self.freeze_step:
-            self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            correction1, correction2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
-            torch.div(self.exp_avg_sq, correction2, out=direction).sqrt_().add_(eps)
-            torch.div(self.exp_avg, direction, out=direction).div_(correction1)
+            self._warmup_step(self._grads())
             if self.step_count == self.freeze_step:
-                # frozen from here on: keep the denominator itself, sqrt(v_hat) + eps, computed once
-                self.exp_avg_sq.div_(correction2).sqrt_().add_(eps)
+                self._freeze()
         else:
-            if self.compressor is None:
-                self.compressor = CompressedAllreduce(self.exp_avg.numel(), device=self.exp_avg.device)
-            self.exp_avg.copy_(self.compressor(self.exp_avg))
-            torch.div(self.exp_avg, self.exp_avg_sq, out=direction)
-        self._apply(direction)
+            self._compressed_step(self._grads())
         if self._set_allreduce is not None:
             self._set_allreduce(self.step_count < self.freeze_step)
         return loss
 
-    def _gather_grads(self) -> torch.Tensor:
-        """All gradients in one preallocated flat buffer (no per-step allocation)."""
-        flat = self._grad
-        for param, start in zip(self.flat_params, self.offsets):
-            view = flat[start:start + param.numel()]
-            if param.grad is None:
-                view.zero_()
-            else:
-                view.copy_(param.grad.reshape(-1))
-        return flat
+    def _freeze(self) -> None:
+        correction2 = 1 - self.param_groups[0]["betas"][1] ** self.step_count
+        self.exp_avg_sq.div_(correction2)  # v_hat: from here on no longer bias-corrected
+        self.frozen_sq = self.exp_avg_sq.to(torch.bfloat16)
 
-    def _apply(self, direction: torch.Tensor) -> None:
-        """p -= lr * ratio * (direction + wd * p), tensor by tensor; `direction` is scratch."""
-        index = 0
-        warmup = self.step_count <= self.freeze_step
-        for group in self.param_groups:
-            for param in group["params"]:
-                start = self.offsets[index]
-                update = direction[start:start + param.numel()].view_as(param)
-                if group["weight_decay"]:
-                    update.add_(param, alpha=group["weight_decay"])
-                if self.layerwise and group["trust_ratio"]:
-                    if warmup:
-                        self._track_ratio(index, param, update)
-                    update.mul_(self.ratios[index])
-                param.add_(update.to(param.dtype), alpha=-group["lr"])
-                index += 1
+    def _denominators(self):
+        """sqrt(v_frozen) + eps per tensor, built when needed (the same on every rank)."""
+        for v, group in zip(self.views(self.frozen_sq), self.groups):
+            yield v.float().sqrt_().add_(group["eps"])
 
-    def _track_ratio(self, index: int, param: torch.Tensor, update: torch.Tensor) -> None:
-        w, u = param.float().norm(), update.norm()
-        ratio = w / u if w > 0 and u > 0 else torch.ones((), device=w.device)
-        first = self.step_count == 1
-        self.ratios[index] = ratio if first else RATIO_AVERAGE * self.ratios[index] + (1 - RATIO_AVERAGE) * ratio
+    def _average_momentum(self, layer_scales: torch.Tensor | None = None) -> None:
+        """The momentum averaged over the ranks at 1 bit per element, in the frozen preconditioner's units.
+
+        The frozen denominator is the same on every rank, so averaging m / denom and multiplying back
+        is the same average; but the sign compressor's error is then spread in units of the step
+        itself (Adam's steps are all of similar size), not of the raw momentum, whose magnitudes
+        differ by orders between a frequent token's row and a rare one's, where sqrt(v) is tiny and
+        one scale for all would turn the rare row's compression error into a huge step.
+        """
+        if self.compressor is None:
+            self.compressor = CompressedAllreduce(self.numel, device=self.exp_avg.device)
+        moments = self.views(self.exp_avg)
+        scales = [None] * len(moments) if layer_scales is None else layer_scales
+        for m, denom, scale in zip(moments, self._denominators(), scales):
+            m.div_(denom)
+            if scale is not None:
+                m.mul_(scale)
+        self.compressor(self.exp_avg, frozen=self.frozen_sq == 0)
+        for m, denom, scale in zip(moments, self._denominators(), scales):
+            if scale is not None:
+                m.div_(scale)
+            m.mul_(denom)
+
+    def _correction1(self) -> float:
+        return 1 - self.param_groups[0]["betas"][0] ** self.step_count
+
+    def _warmup_step(self, grads: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _compressed_step(self, grads: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict:
+        return {}
 
     def state_dict(self) -> dict:
+        self._ensure_buffers()
         return {"step_count": self.step_count, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
-                "ratios": self.ratios, "param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                                        for g in self.param_groups]}
+                "frozen_sq": self.frozen_sq, **self._extra_state(),
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
 
     def load_state_dict(self, state: dict) -> None:
         self._ensure_buffers()
         self.step_count = state["step_count"]
         self.exp_avg.copy_(state["exp_avg"])
-        self.exp_avg_sq.copy_(state["exp_avg_sq"])
-        self.ratios.copy_(state["ratios"])
+        self.exp_avg_sq = None if state["exp_avg_sq"] is None else state["exp_avg_sq"].to(self.exp_avg.device)
+        self.frozen_sq = None if state["frozen_sq"] is None else state["frozen_sq"].to(self.exp_avg.device)
+        for key in self._extra_state():
+            setattr(self, key, state[key].to(self.exp_avg.device))
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group.update(saved)
         if self._set_allreduce is not None:
@@ -155,13 +186,134 @@ class OnebitOptimizer(torch.optim.Optimizer):
     def load_rank_state_dict(self, state: dict) -> None:
         self._ensure_buffers()
         if state.get("compressor") is not None:
-            self.compressor = CompressedAllreduce(self.exp_avg.numel(), device=self.exp_avg.device)
+            self.compressor = CompressedAllreduce(self.numel, device=self.exp_avg.device)
             self.compressor.load_state_dict(state["compressor"])
 
+    def state_bytes(self) -> int:
+        """Bytes of every tensor this optimizer keeps between steps (parameters and gradients excluded)."""
+        held = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+        if self.compressor is not None:
+            held += [v for v in vars(self.compressor).values() if isinstance(v, torch.Tensor)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+        return sum(storages.values())
 
-def onebit_adam(params, lr, betas, eps, weight_decay, freeze_step) -> OnebitOptimizer:
-    return OnebitOptimizer(params, lr, betas, eps, weight_decay, freeze_step, layerwise=False)
+
+class OnebitAdam(OnebitOptimizer):
+    def _warmup_step(self, grads: list[torch.Tensor]) -> None:
+        """torch's AdamW, operation for operation."""
+        beta1, beta2 = self.param_groups[0]["betas"]
+        correction1, correction2_sqrt = self._correction1(), (1 - beta2 ** self.step_count) ** 0.5
+        for p, g, m, v, group in zip(self.params, grads, self.views(self.exp_avg), self.views(self.exp_avg_sq),
+                                     self.groups):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / correction2_sqrt).add_(group["eps"])
+            p.addcdiv_(m, denom, value=-group["lr"] / correction1)
+
+    def _freeze(self) -> None:
+        super()._freeze()
+        self.exp_avg_sq = None  # Adam needs only the frozen copy
+
+    def _compressed_step(self, grads: list[torch.Tensor]) -> None:
+        beta1 = self.param_groups[0]["betas"][0]
+        for m, g in zip(self.views(self.exp_avg), grads):
+            m.lerp_(g, 1 - beta1)
+        self._average_momentum()
+        correction1 = self._correction1()
+        for p, g, m, v, group in zip(self.params, grads, self.views(self.exp_avg), self.views(self.frozen_sq),
+                                     self.groups):
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            denom = g.copy_(v).sqrt_().add_(group["eps"])  # the consumed gradient is the scratch
+            p.addcdiv_(m, denom, value=-group["lr"] / correction1)
 
 
-def onebit_lamb(params, lr, betas, eps, weight_decay, freeze_step) -> OnebitOptimizer:
-    return OnebitOptimizer(params, lr, betas, eps, weight_decay, freeze_step, layerwise=True)
+class OnebitLamb(OnebitOptimizer):
+    def __init__(self, params, lr, betas, eps, weight_decay, freeze_step, trust_ratio_clip=(0.01, 10.0),
+                 coeff_beta: float = 0.9, factor_min: float = 0.5, factor_max: float = 4.0,
+                 factor_threshold: float = 0.1):
+        super().__init__(params, lr, betas, eps, weight_decay, freeze_step)
+        self.trust_ratio_clip, self.coeff_beta = trust_ratio_clip, coeff_beta
+        self.factor_min, self.factor_max, self.factor_threshold = factor_min, factor_max, factor_threshold
+
+    def _ensure_buffers(self) -> None:
+        if self._buffers_ready:
+            return
+        super()._ensure_buffers()
+        n, device = len(self.params), self.exp_avg.device
+        self.coeff_avg = torch.zeros(n, device=device)  # running average of each tensor's trust ratio
+        self.coeff_frozen = torch.ones(n, device=device)
+        self.last_factor = torch.ones(n, device=device)
+        self.momentum_scale = torch.ones(n, device=device)  # per-tensor scaling before compression
+
+    def _extra_state(self) -> dict:
+        return {k: getattr(self, k) for k in ("coeff_avg", "coeff_frozen", "last_factor", "momentum_scale")}
+
+    def _adapts(self, group: dict) -> bool:
+        return bool(group["trust_ratio"])  # biases and LayerNorm: no layer adaptation, as in LAMB
+
+    def _warmup_step(self, grads: list[torch.Tensor]) -> None:
+        """This project's LAMB, through the same functions; and the running average of each ratio."""
+        beta = self.coeff_beta
+        for i, (p, g, m, v, group) in enumerate(zip(self.params, grads, self.views(self.exp_avg),
+                                                    self.views(self.exp_avg_sq), self.groups)):
+            update = adam_direction(p, g, m, v, self.step_count, group, out=g)
+            if self._adapts(group):
+                ratio = trust_ratio(p.float().norm(), update.norm(), self.trust_ratio_clip)
+                update.mul_(ratio)
+                self.coeff_avg[i] = beta * self.coeff_avg[i] + (1 - beta) * ratio
+            p.add_(update.to(p.dtype), alpha=-group["lr"])
+
+    def _freeze(self) -> None:
+        super()._freeze()  # exp_avg_sq goes on as the fresh variance, from v_hat
+        self.coeff_frozen = self.coeff_avg / (1 - self.coeff_beta ** self.step_count)  # bias-corrected average
+        # Li et al.'s per-layer momentum scaling, taken here in the preconditioned units that are compressed
+        scales = torch.stack([m.div(denom).norm() / m.numel() ** 0.5
+                              for m, denom in zip(self.views(self.exp_avg), self._denominators())])
+        united = scales[scales > 0].mean() if bool((scales > 0).any()) else torch.ones(())
+        self.momentum_scale = torch.where(scales > 0, united / scales.clamp(min=1e-30), torch.ones_like(scales))
+
+    def _compressed_step(self, grads: list[torch.Tensor]) -> None:
+        beta1 = self.param_groups[0]["betas"][0]
+        moments = self.views(self.exp_avg)
+        for m, g in zip(moments, grads):
+            m.mul_(beta1).add_(g, alpha=1 - beta1)  # the local momentum
+            g.mul_(beta1 - 1).add_(m)  # the gradient buffer now holds beta1 * m_prev
+        self._average_momentum(self.momentum_scale)
+        for m, g in zip(moments, grads):
+            g.neg_().add_(m).div_(1 - beta1)  # the gradient the averaged momentum implies
+        self._apply(grads)
+
+    def _apply(self, grads: list[torch.Tensor]) -> None:
+        beta2 = self.param_groups[0]["betas"][1]
+        correction1 = self._correction1()
+        for i, (p, g, m, fresh, frozen, group) in enumerate(zip(
+                self.params, grads, self.views(self.exp_avg), self.views(self.exp_avg_sq),
+                self.views(self.frozen_sq), self.groups)):
+            fresh.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = g.copy_(frozen).sqrt_().add_(group["eps"])
+            factor = (denom / fresh.sqrt().add_(group["eps"])).max()
+            update = torch.div(m, denom, out=g).div_(correction1)
+            prelim = update.norm()
+            if group["weight_decay"]:
+                update.add_(p, alpha=group["weight_decay"])
+            if not self._adapts(group):
+                p.add_(update, alpha=-group["lr"])
+                continue
+            if group["weight_decay"]:  # the decay's share of the step is not the variance's business
+                share = torch.clamp(prelim / update.norm().clamp(min=1e-30), max=1.0)
+                factor = factor * share + (1 - share)
+            last = self.last_factor[i]
+            factor = factor.clamp(self.factor_min, self.factor_max)
+            factor = torch.minimum(torch.maximum(factor, last * (1 - self.factor_threshold)),
+                                   last * (1 + self.factor_threshold))
+            self.last_factor[i] = factor
+            p.add_(update.mul_(self.coeff_frozen[i] * factor), alpha=-group["lr"])
+
+
+def onebit_adam(params, lr, betas, eps, weight_decay, freeze_step) -> OnebitAdam:
+    return OnebitAdam(params, lr, betas, eps, weight_decay, freeze_step)
+
+
+def onebit_lamb(params, lr, betas, eps, weight_decay, freeze_step, **lamb) -> OnebitLamb:
+    return OnebitLamb(params, lr, betas, eps, weight_decay, freeze_step, **lamb)
