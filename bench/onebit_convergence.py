@@ -62,20 +62,41 @@ def env() -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-def pretrain_across_hosts(path: Path, log: Path) -> float:
-    """One rank per host through torchrun's static rendezvous; returns the wall seconds."""
+def pretrain_across_hosts(path: Path, log: Path, metrics: Path) -> tuple[float, list[tuple[int, int, int]]]:
+    """One rank per host through torchrun's static rendezvous.
+
+    Returns the wall seconds and samples (phase, step, bytes on the link so far), taken whenever a
+    new log line appears, so the link's bytes per step can be read off for warmup and compressed steps.
+    """
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    start, procs = time.time(), []
+    start, procs, samples, seen = time.time(), [], [], 0
     with log.open("w") as out:
         for host in range(2):
             cmd = [torchrun, "--nnodes", "2", "--node_rank", str(host), "--nproc_per_node", "1",
                    "--master_addr", hosts.ADDR[0], "--master_port", "29950", "-m", "pipeline", "pretrain",
                    "--config", str(path)]
             procs.append(hosts.in_host(host, cmd, env(), REPO, stdout=out, stderr=subprocess.STDOUT))
-        codes = [p.wait(timeout=3600) for p in procs]
+        while any(p.poll() is None for p in procs):
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            if len(lines) > seen:
+                last = json.loads(lines[-1]) if lines[-1].endswith("}") else None
+                if last is not None:
+                    samples.append((last["phase"], last["step"], hosts.link_bytes()))
+                    seen = len(lines)
+            time.sleep(0.1)
+        codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"{path.name} failed ({codes}); see {log}")
-    return time.time() - start
+    return time.time() - start, samples
+
+
+def per_step(samples: list[tuple[int, int, int]], phase: int, lo: int, hi: int) -> float:
+    """Link bytes per step between the first and last samples of `phase` with lo <= step <= hi."""
+    inside = [(s, b) for p, s, b in samples if p == phase and lo <= s <= hi]
+    if len(inside) < 2:
+        return float("nan")
+    (s0, b0), (s1, b1) = inside[0], inside[-1]
+    return (b1 - b0) / (s1 - s0)
 
 
 def measure(suite: str, optimizer: str, phases: list[dict]) -> dict:
@@ -87,16 +108,18 @@ def measure(suite: str, optimizer: str, phases: list[dict]) -> dict:
     run_dir.mkdir(parents=True)
     (run_dir / "prepare").symlink_to(ROOT / "prepared" / "prepare")
     before = hosts.link_bytes()
-    seconds = pretrain_across_hosts(path, ROOT / f"{name}.log")
+    seconds, samples = pretrain_across_hosts(path, ROOT / f"{name}.log", run_dir / "pretrain/metrics.jsonl")
     link = hosts.link_bytes() - before
     metrics = json.loads((run_dir / "pretrain/stage.json").read_text())["metrics"]
     rows = [json.loads(line) for line in (run_dir / "pretrain/metrics.jsonl").read_text().splitlines()]
     steps = sum(p["steps"] for p in phases)
-    result = {"steps": steps, "seconds": seconds, "link_bytes_per_step": link / steps,
+    result = {"steps": steps, "seconds": seconds, "link_bytes_per_step": link / steps, "samples": samples,
               "final_eval_loss": [metrics[f"phase{i}_final_eval_loss"] for i in range(len(phases))],
               "initial_eval_loss": metrics["phase0_initial_eval_loss"]}
-    for i, phase in enumerate(phases):  # the optimizer's own count, warmup vs compressed steps
-        freeze = phase["steps"] // 5
+    for i, phase in enumerate(phases):  # on the link and by the optimizer's own count, warmup vs compressed
+        freeze, end = phase["steps"] // 5, phase["steps"] - 1  # the last step adds the final evaluation
+        result[f"phase{i}_link_warmup"] = per_step(samples, i, 1, freeze)
+        result[f"phase{i}_link_compressed"] = per_step(samples, i, freeze + 1, end)
         logged = [(r["step"], r["comm_bytes_per_step"]) for r in rows
                   if r.get("phase") == i and "comm_bytes_per_step" in r]
         result[f"phase{i}_counted_warmup"] = max((b for s, b in logged if s <= freeze), default=0.0)
@@ -106,20 +129,38 @@ def measure(suite: str, optimizer: str, phases: list[dict]) -> dict:
 
 def table(results: dict) -> list[str]:
     lines = ["| suite | optimizer | steps | final validation MLM loss (per phase) | vs full precision | "
-             "bytes/step on the link | counted: warmup → compressed step | wall |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+             "link bytes/step (both directions), phase 0: warmup → compressed | compressed / dense | "
+             "counted by the optimizer (per rank) | wall |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for suite, runs in results.items():
         for onebit, reference in PAIRS:
+            dense = runs[reference]["phase0_link_warmup"]
             for name in (reference, onebit):
                 r = runs[name]
                 losses = " → ".join(f"{x:.3f}" for x in r["final_eval_loss"])
                 gap = "" if name == reference else \
                     f"{100 * (r['final_eval_loss'][-1] / runs[reference]['final_eval_loss'][-1] - 1):+.2f}%"
-                counted = f"{r['phase0_counted_warmup'] / 1e6:.2f} MB → {r['phase0_counted_compressed'] / 1e6:.3f} MB" \
-                    if name == onebit else ""
-                lines.append(f"| {suite} | {name} | {r['steps']} | {losses} | {gap} | "
-                             f"{r['link_bytes_per_step'] / 1e6:.2f} MB | {counted} | {r['seconds']:.0f} s |")
+                if name == onebit:
+                    link = f"{r['phase0_link_warmup'] / 1e6:.2f} MB → {r['phase0_link_compressed'] / 1e6:.3f} MB"
+                    ratio = f"1/{dense / r['phase0_link_compressed']:.1f}"
+                    counted = (f"{r['phase0_counted_warmup'] / 1e6:.2f} MB → "
+                               f"{r['phase0_counted_compressed'] / 1e6:.3f} MB")
+                else:
+                    link, ratio, counted = f"{dense / 1e6:.2f} MB", "", f"{r['phase0_counted_warmup'] / 1e6:.2f} MB"
+                lines.append(f"| {suite} | {name} | {r['steps']} | {losses} | {gap} | {link} | {ratio} | {counted} "
+                             f"| {r['seconds']:.0f} s |")
     return lines
+
+
+def write(results: dict) -> None:
+    head = ("1-bit vs full precision through the pipeline: BBC News, `mini` (4 layers, hidden 256, 8k vocab), "
+            "2 ranks on two network namespaces (gloo over a veth pair, unshaped), fp32, MLM, 1-bit warmup 20% of "
+            "each phase; AdamW/1-bit Adam lr 1e-3, LAMB/1-bit LAMB lr 2e-3; validation loss on 20 fixed batches. "
+            "Produced by `python bench/onebit_convergence.py`.")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "onebit_convergence.json").write_text(json.dumps(results, indent=2) + "\n")
+    (OUT / "onebit_convergence.md").write_text("\n".join([head, "", *table(results)]) + "\n")
+    print("\n".join(table(results)))
 
 
 def main() -> None:
@@ -139,14 +180,7 @@ def main() -> None:
             print("\n".join(table({suite: results[suite]})), flush=True)
     finally:
         hosts.drop_hosts()
-    head = ("1-bit vs full precision through the pipeline: BBC News, `mini` (4 layers, hidden 256, 8k vocab), "
-            "2 ranks on two network namespaces (gloo over a veth pair, unshaped), fp32, MLM, 1-bit warmup 20% of "
-            "each phase; AdamW/1-bit Adam lr 1e-3, LAMB/1-bit LAMB lr 2e-3; validation loss on 20 fixed batches. "
-            "Produced by `python bench/onebit_convergence.py`.")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "onebit_convergence.json").write_text(json.dumps(results, indent=2) + "\n")
-    (OUT / "onebit_convergence.md").write_text("\n".join([head, "", *table(results)]) + "\n")
-    print("\n".join(table(results)))
+    write(results)
 
 
 if __name__ == "__main__":

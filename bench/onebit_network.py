@@ -36,13 +36,14 @@ RATES = ("200mbit", "1gbit", "10gbit")
 MODES = ("dense", "onebit_adam", "onebit_lamb")
 
 
-def run_pair(mode: str, tmp: Path) -> dict:
+def run_pair(mode: str, tmp: Path, preset: str = "small") -> dict:
+    """One rank in each namespace (made by the caller); returns rank 0's measurements."""
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": hosts.ADDR[0], "MASTER_PORT": "29931", "PYTHONPATH": str(REPO),
                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "BENCH_DEV": hosts.DEV[rank]}
-        cmd = [sys.executable, __file__, "--worker", mode, str(tmp / f"{mode}.json")]
+        cmd = [sys.executable, __file__, "--worker", mode, str(tmp / f"{mode}.json"), preset]
         procs.append(hosts.in_host(rank, cmd, env, REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=1800)[0] for p in procs]
     if any(p.returncode for p in procs):
@@ -64,7 +65,7 @@ def link_tx() -> int:
     return int(Path(f"/sys/class/net/{dev}/statistics/tx_bytes").read_text()) if dev else 0
 
 
-def worker(mode: str, out: Path) -> None:
+def worker(mode: str, out: Path, preset: str = "small") -> None:
     import torch
 
     from pipeline.config import ModelConfig, OptimizerConfig
@@ -76,7 +77,7 @@ def worker(mode: str, out: Path) -> None:
     torch.set_num_threads(1)
     dist = Dist(detect(os.environ))
     torch.manual_seed(0)
-    model = PretrainObjective(build_model(bert_config(ModelConfig(preset="small", dropout=0.0), 30522), False))
+    model = PretrainObjective(build_model(bert_config(ModelConfig(preset=preset, dropout=0.0), 30522), False))
     name = "onebit_adam" if mode in ("dense", "local") else mode
     freeze = 2 if mode.startswith("onebit") else 10**6  # dense: the same optimizer, never compressing
     optimizer = build_optimizer(OptimizerConfig(name=name, lr=1e-4, freeze_step=freeze), model, 1e-4)
@@ -149,6 +150,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], Path(sys.argv[3]))
+        worker(sys.argv[2], Path(sys.argv[3]), *sys.argv[4:5])
     else:
         main()

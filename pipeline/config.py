@@ -164,13 +164,28 @@ class SearchConfig(Section):
     ffn_scope: Literal["layerwise", "global"] = "global"
     check_every: PosInt = 100
     fifo_size: Annotated[int, Field(ge=2)] = 5
-    distance_threshold: Fraction = 0.1
+    # the ticket emerges when the newest mask is this close to each mask in the FIFO, heads and FFN
+    # neurons apart (normalised Hamming distance; 0.1 is Early-Bird's and EarlyBERT's setting)
+    head_distance_threshold: Fraction = 0.1
+    ffn_distance_threshold: Fraction = 0.1
     max_steps: PosInt = 2000
     fixed_step: PosInt | None = None  # mode=fixed: draw the ticket at this step
 
 
 class RetrainConfig(Section):
     rewind: Literal["search_start", "search_end"] = "search_start"
+    # the retraining budget: a fraction of every pretrain phase's steps, or per-phase step counts
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    steps: list[PosInt] | None = None
+    # rewind=search_end only: count the steps the search already trained toward phase 0, which then
+    # runs only the rest of its budget, its learning-rate schedule continuing where the search's was
+    continue_search: bool = False
+
+    @model_validator(mode="after")
+    def _continue_needs_search_end(self):
+        if self.continue_search and self.rewind != "search_end":
+            raise ValueError("continue_search needs rewind: search_end (search_start retrains from before the search)")
+        return self
 
 
 class FinetuneTaskConfig(Section):

@@ -179,6 +179,46 @@ class Engine:
         if loader is not None:
             loader(state)
 
+    def fp32_values(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The fp32 master values of model parameters, whatever the training precision.
+
+        Under bf16/fp16 the module holds rounded copies: gates at 1.0 move in steps of 2^-8 there, and
+        masks drawn from them would rank rounding, not learning. Under ZeRO-1/2 this gathers the
+        partitions: every rank must call it.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        values = []
+        for param in params:
+            master = safe_get_full_fp32_param(param)  # ZeRO-1/2 and DeepSpeed's bf16 optimizer
+            if master is None:
+                master = self._wrapper_master(param)  # the fp16/bf16 wrapper of ZeRO stage 0
+            values.append((param if master is None else master).detach().float().clone())
+        return values
+
+    def set_fp32_value(self, param: torch.Tensor, value: torch.Tensor) -> None:
+        """Set a parameter's master value (and its module copy)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with torch.no_grad():
+            if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+                safe_set_full_fp32_param(param, value.to(param.device).float())
+            else:
+                master = self._wrapper_master(param)
+                if master is not None:
+                    master.copy_(value)
+            param.copy_(value.to(param.dtype))
+
+    def _wrapper_master(self, param: torch.Tensor) -> torch.Tensor | None:
+        low, high = getattr(self.ds.optimizer, "fp16_groups", None), getattr(self.ds.optimizer, "fp32_groups", None)
+        if low is None or high is None:
+            return None
+        for low_group, high_group in zip(low, high):
+            for lp, hp in zip(low_group, high_group):
+                if lp is param:
+                    return hp
+        return None
+
     def grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)

@@ -26,14 +26,18 @@ def plot_search(tracker, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "head_masks.png", dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(tracker.steps, tracker.detector.history, marker="o")
-    ax.axhline(tracker.detector.threshold, color="red", linestyle="--", label="threshold")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    detector = tracker.detector
+    for history, threshold, color, name in ((detector.head_history, detector.head_threshold, "tab:blue", "heads"),
+                                            (detector.ffn_history, detector.ffn_threshold, "tab:orange", "FFN")):
+        ax.plot(tracker.steps, history, marker="o", color=color, label=f"{name}")
+        ax.axhline(threshold, color=color, linestyle="--", linewidth=1, label=f"{name} threshold")
     if tracker.emerged_at is not None:
         ax.axvline(tracker.emerged_at, color="green", linestyle=":", label=f"ticket at {tracker.emerged_at}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("max Hamming distance in FIFO")
-    ax.legend()
+    ax.set_xlabel("training step")
+    ax.set_ylabel("max normalised Hamming distance in FIFO")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "distance.png", dpi=120)
     plt.close(fig)

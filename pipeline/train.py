@@ -37,6 +37,7 @@ class PhasePlan:
     batch: BatchPlan
     lr: float
     freeze_step: int  # 1-bit optimizers: every phase has a fresh optimizer, so its own warmup
+    schedule_start: int = 0  # steps of this phase's schedule trained elsewhere (retrain continuing a search)
 
 
 @dataclass
@@ -76,13 +77,14 @@ def plan_phases(cfg: RunConfig, world_size: int) -> list[PhasePlan]:
 
 class Trainer:
     def __init__(self, ctx, objective: torch.nn.Module, prepare_dir: Path, flops_per_token: Callable[[int], float],
-                 hooks: TrainHooks | None = None, ds_config_path: Path | None = None, cfg: RunConfig | None = None):
+                 hooks: TrainHooks | None = None, ds_config_path: Path | None = None, cfg: RunConfig | None = None,
+                 plans: list[PhasePlan] | None = None):
         self.ctx, self.cfg, self.dist = ctx, cfg or ctx.cfg, ctx.dist  # cfg: e.g. search's own phase
         self.objective, self.prepare_dir, self.flops_per_token = objective, prepare_dir, flops_per_token
         self.hooks = hooks or TrainHooks()
         self.ds_config_path = ds_config_path or self.cfg.distributed.ds_config
         self.ckpt_dir = ctx.stage_dir / "checkpoints"
-        self.plans = plan_phases(self.cfg, self.dist.world_size)
+        self.plans = plans or plan_phases(self.cfg, self.dist.world_size)  # plans: e.g. retrain's budget
         self._comm_at_log: dict[int, int] = {}  # engine -> bytes sent at the last log line
 
     def run(self) -> dict:
@@ -106,7 +108,7 @@ class Trainer:
     def _engine(self, plan: PhasePlan) -> Engine:
         optimizer = build_optimizer(self.cfg.optimizer.model_copy(update={"freeze_step": plan.freeze_step}),
                                     self.objective, plan.lr)
-        scheduler = warmup_poly(optimizer, plan.steps, self.cfg.schedule)
+        scheduler = warmup_poly(optimizer, plan.schedule_start + plan.steps, self.cfg.schedule, plan.schedule_start)
         tb = self.ctx.stage_dir / "tensorboard"
         cfg = ds_config(Path(self.ds_config_path), plan.batch, tensorboard_dir=tb, job_name=f"phase{plan.index}",
                         compressed=self.cfg.optimizer.name.startswith("onebit"))
@@ -128,7 +130,7 @@ class Trainer:
             return train, []
 
     def _run_phase(self, plan: PhasePlan, position, metrics: MetricsLog) -> tuple[Engine, dict]:
-        engine = self._engine(plan)
+        engine = self.engine = self._engine(plan)  # hooks may read it (e.g. gates' fp32 masters)
         loader, eval_batches = self._loaders(plan)
         state = self._resume(engine, loader, plan, position)
         log_every, eval_every = self.cfg.pretrain.log_every, self.cfg.pretrain.eval_every

@@ -90,15 +90,32 @@ class PretrainObjective(nn.Module):
                       nsp_loss=None if nsp_loss is None else nsp_loss.detach())
 
 
-def train_flops_per_token(config: BertConfig, seq_len: int, mask_fraction: float, sparse: bool) -> float:
-    """Model FLOPs of one training step per token (forward + backward = 3x forward, matmuls only)."""
-    h, inner, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, \
-        config.vocab_size
-    dense = layers * (4 * h * h + 2 * h * inner)  # Q, K, V, O projections and the two FFN matrices
-    attention = layers * 2 * seq_len * h  # scores and weighted sum, per token
+def layer_widths(hf: nn.Module) -> list[tuple[int, int]]:
+    """Per encoder layer: (attention width = kept heads x head size, FFN width), read off the modules."""
+    return [(layer.attention.output.dense.in_features, layer.intermediate.dense.out_features)
+            for layer in hf.bert.encoder.layer]
+
+
+def encoder_macs_per_token(config: BertConfig, seq_len: int, widths: list[tuple[int, int]] | None = None) -> float:
+    """Multiply-adds of the encoder's forward pass per token, for full or pruned layer widths.
+
+    Per layer of attention width a and FFN width f: Q, K, V and output projections 4·h·a, the two
+    FFN matrices 2·h·f, attention scores and the weighted sum 2·seq·a (so heads pruned away, and a
+    layer with none left, cost nothing there).
+    """
+    h = config.hidden_size
+    if widths is None:
+        widths = [(h, config.intermediate_size)] * config.num_hidden_layers
+    return float(sum(4 * h * a + 2 * h * f + 2 * seq_len * a for a, f in widths))
+
+
+def train_flops_per_token(config: BertConfig, seq_len: int, mask_fraction: float, sparse: bool,
+                          widths: list[tuple[int, int]] | None = None) -> float:
+    """Model FLOPs of one training step per token (forward + backward = 3x forward, 2 FLOPs a multiply-add)."""
+    h, vocab = config.hidden_size, config.vocab_size
     head_fraction = mask_fraction if sparse else 1.0
     head = head_fraction * (h * h + h * vocab)  # transform + decoder where the head is applied
-    return 6.0 * (dense + attention + head)
+    return 6.0 * (encoder_macs_per_token(config, seq_len, widths) + head)
 
 
 def count_parameters(model: nn.Module) -> int:

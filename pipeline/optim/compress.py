@@ -29,7 +29,7 @@ import torch
 import torch.distributed as tdist
 
 BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
-BLOCK = 1 << 20  # elements unpacked at a time: bounds the fp32 scratch to 4 MB whatever the model
+BLOCK = 1 << 18  # elements unpacked at a time: bounds the fp32 scratch to 1 MB whatever the model
 
 
 def padded_size(numel: int, world: int) -> int:
@@ -82,7 +82,7 @@ class CompressedAllreduce:
         self.server_error = torch.zeros(self.chunk, device=device)
         self.bytes_sent = 0  # by this rank, cumulative: what the collectives were handed, not a formula
         self._table = sign_table(device)
-        self._scratch = torch.empty(min(BLOCK, self.padded), device=device)
+        self._scratch: torch.Tensor | None = None  # one block of unpacked signs, only during a call
 
     def state_dict(self) -> dict:
         return {"worker_error": self.worker_error.clone(), "server_error": self.server_error.clone(),
@@ -99,12 +99,19 @@ class CompressedAllreduce:
         `frozen` (bool, `padded` long, the same on every rank): elements that are exactly 0 on output.
         The padding past `numel` must be 0 and frozen (the optimizer's buffers are laid out so).
         """
+        self._scratch = torch.empty(min(BLOCK, self.padded), device=x.device)
+        try:
+            return self._average(x, frozen)
+        finally:
+            self._scratch = None
+
+    def _average(self, x: torch.Tensor, frozen: torch.Tensor | None) -> torch.Tensor:
         error = self.worker_error.add_(x)  # x' = x + e_w, built in the error buffer itself
         scale = self._compress(error, frozen)
         packed = pack_signs(error)
         self._subtract_signs(error, packed, scale, frozen)  # e_w = x' - scale * sign(x')
         if self.world == 1:
-            return self._expand(x, [packed], scale.reshape(1), frozen)
+            return self._expand(x, packed, scale.reshape(1), frozen)
         received = torch.empty_like(packed)
         self._all_to_all(received, packed)
         scales = self._all_gather(scale.reshape(1))
@@ -121,7 +128,7 @@ class CompressedAllreduce:
         gathered = received  # reused: the all-to-all's signs are consumed
         self._all_gather(server_packed, out=gathered)
         server_scales = self._all_gather(server_scale.reshape(1))
-        return self._expand(x, [gathered], server_scales, frozen)
+        return self._expand(x, gathered, server_scales, frozen)
 
     @staticmethod
     def _compress(values: torch.Tensor, frozen: torch.Tensor | None) -> torch.Tensor:
@@ -149,10 +156,9 @@ class CompressedAllreduce:
             signs = unpack_signs(packed[lo // 8:hi // 8], self._table, self._scratch[:hi - lo])
             values[lo:hi].add_(signs.mul_(scale))
 
-    def _expand(self, x: torch.Tensor, packed: list[torch.Tensor], scales: torch.Tensor,
+    def _expand(self, x: torch.Tensor, signs_all: torch.Tensor, scales: torch.Tensor,
                 frozen: torch.Tensor | None) -> torch.Tensor:
         """x = scale_w * sign, chunk w by chunk w, from the all-gathered signs."""
-        signs_all = packed[0]
         chunk = self.padded // scales.numel()
         for worker in range(scales.numel()):
             part = x[worker * chunk:(worker + 1) * chunk]

@@ -20,5 +20,6 @@ def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * (1.0 - progress) ** power
 
 
-def warmup_poly(optimizer: Optimizer, total_steps: int, cfg: ScheduleConfig) -> LambdaLR:
-    return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+def warmup_poly(optimizer: Optimizer, total_steps: int, cfg: ScheduleConfig, start: int = 0) -> LambdaLR:
+    """The schedule of a `total_steps` phase, entered at step `start` (a phase continued from elsewhere)."""
+    return LambdaLR(optimizer, lambda step: lr_factor(step + start, total_steps, cfg))

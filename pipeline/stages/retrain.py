@@ -7,24 +7,37 @@ plan so finetune can rebuild the pruned shapes.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 
-from pipeline.model.bert import PretrainObjective, count_parameters, train_flops_per_token
+from pipeline.errors import ConfigError
+from pipeline.model.bert import PretrainObjective, count_parameters, layer_widths, train_flops_per_token
 from pipeline.model.prune import PLAN, load_pruned
 from pipeline.runner import StageContext, StageResult
 from pipeline.stages.pretrain import checked_tokenizer, export_model
-from pipeline.train import Trainer
+from pipeline.train import PhasePlan, Trainer, plan_phases
 
 
-def _pruned_flops(hf, seq_len: int, mask_fraction: float, sparse: bool) -> float:
-    """FLOPs per token of the pruned shapes: the dense formula scaled by the kept weight share."""
-    dense = train_flops_per_token(hf.config, seq_len, mask_fraction, sparse)
-    layers = hf.bert.encoder.layer
-    full = hf.config.num_hidden_layers * (4 * hf.config.hidden_size ** 2 + 2 * hf.config.hidden_size *
-                                          hf.config.intermediate_size)
-    kept = sum(layer.attention.output.dense.in_features * hf.config.hidden_size * 4
-               + 2 * layer.intermediate.dense.out_features * hf.config.hidden_size for layer in layers)
-    return dense - 6.0 * (full - kept)
+def budget_plans(cfg, world_size: int, search_steps: int) -> list[PhasePlan]:
+    """The pretrain phases cut to `retrain.fraction` / `retrain.steps`; with `continue_search`, phase 0
+    also leaves out the steps the search trained and enters its schedule where they end."""
+    plans, r = plan_phases(cfg, world_size), cfg.retrain
+    if r.steps is not None and len(r.steps) != len(plans):
+        raise ConfigError(f"retrain.steps: {len(r.steps)} entries for {len(plans)} pretrain phases")
+    budgeted = []
+    for plan in plans:
+        steps = r.steps[plan.index] if r.steps is not None else max(1, round(r.fraction * plan.steps))
+        start = min(search_steps, steps - 1) if r.continue_search and plan.index == 0 else 0
+        budgeted.append(dataclasses.replace(plan, steps=steps - start, schedule_start=start))
+    return budgeted
+
+
+def _search_steps(ctx: StageContext) -> int:
+    if not ctx.cfg.retrain.continue_search:
+        return 0
+    record = json.loads((ctx.input_dir("search") / "stage.json").read_text())
+    return int(record["metrics"]["trained_steps"])
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -34,7 +47,9 @@ def run(ctx: StageContext) -> StageResult:
     hf = load_pruned(ctx.input_dir("prune") / "model")
     objective = PretrainObjective(hf, sparse=cfg.model.sparse_mlm_head)
     trainer = Trainer(ctx, objective, prepare_dir,
-                      lambda n: _pruned_flops(hf, n, cfg.data.masking.probability, cfg.model.sparse_mlm_head))
+                      lambda n: train_flops_per_token(hf.config, n, cfg.data.masking.probability,
+                                                      cfg.model.sparse_mlm_head, layer_widths(hf)),
+                      plans=budget_plans(cfg, ctx.dist.world_size, _search_steps(ctx)))
     summary = trainer.run()
     outputs = export_model(ctx, trainer.engine.module.hf, prepare_dir / "tokenizer")
     if ctx.dist.is_main:

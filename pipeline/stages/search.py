@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,9 +36,13 @@ from pipeline.train import Trainer, TrainHooks
 class TicketTracker:
     """The after-step hook: draws masks, keeps the FIFO, decides when to stop; survives resume."""
 
-    def __init__(self, search: SearchConfig, gates: SlimmingGates, stage_dir: Path, is_main: bool):
+    def __init__(self, search: SearchConfig, gates: SlimmingGates, stage_dir: Path, is_main: bool,
+                 read: Callable[[], list[torch.Tensor]] | None = None):
         self.s, self.gates, self.dir, self.is_main = search, gates, stage_dir, is_main
-        self.detector = EarlyBirdDetector(self.s.fifo_size, self.s.distance_threshold)
+        # the gates' fp32 values: from the optimizer's masters when training in bf16/fp16 (see Engine)
+        self.read = read or (lambda: [gates.heads.detach().float(), gates.ffn.detach().float()])
+        self.detector = EarlyBirdDetector(self.s.fifo_size, self.s.head_distance_threshold,
+                                          self.s.ffn_distance_threshold)
         self.steps: list[int] = []
         self.snapshots: list[dict] = []
         self.emerged_at: int | None = None
@@ -67,8 +72,8 @@ class TicketTracker:
 
     def check(self, step: int) -> bool:
         """Draw masks from the gates as they are now; True when the ticket has emerged."""
-        snapshot = {"heads": self.gates.heads.detach().float().cpu().clone(),
-                    "ffn": self.gates.ffn.detach().float().cpu().clone()}
+        heads, ffn = self.read()
+        snapshot = {"heads": heads.cpu().clone(), "ffn": ffn.cpu().clone()}
         emerged = self._record(step, snapshot)
         if self.is_main:
             tmp = self.dir / "snapshots.pt.tmp"
@@ -108,7 +113,9 @@ def run(ctx: StageContext) -> StageResult:
         return _finish(ctx, masks.to_plan(), config, {"mode": "random", "trained_steps": 0, "emerged_at": None}, None)
     objective = PretrainObjective(hf, sparse=cfg.model.sparse_mlm_head)
     objective.gates = gates_for(hf)
-    tracker = TicketTracker(cfg.search, objective.gates, out, ctx.dist.is_main)
+    gates = objective.gates
+    tracker = TicketTracker(cfg.search, gates, out, ctx.dist.is_main,
+                            read=lambda: trainer.engine.fp32_values([gates.heads, gates.ffn]))
     hooks = TrainHooks(extra_loss=lambda module: module.gates.l1(s.l1_heads, s.l1_ffn), after_step=tracker.after_step)
     scfg = search_config(cfg)
     masking, sparse = cfg.data.masking.probability, cfg.model.sparse_mlm_head
@@ -145,8 +152,10 @@ def _finish(ctx: StageContext, plan: dict, config, info: dict, tracker: TicketTr
     out = ctx.stage_dir
     if ctx.dist.is_main:
         steps = tracker.steps if tracker else []
-        distances = tracker.detector.history if tracker else []
-        atomic_write_json(out / "history.json", {"steps": steps, "distances": distances, **info})
+        heads = tracker.detector.head_history if tracker else []
+        ffn = tracker.detector.ffn_history if tracker else []
+        atomic_write_json(out / "history.json", {"steps": steps, "head_distances": heads, "ffn_distances": ffn,
+                                                 **info})
         atomic_write_json(out / "masks.json", {"plan": plan, **info, **plan_summary(plan, config)})
         if tracker and tracker.snapshots:
             plot_search(tracker, out)

@@ -43,7 +43,8 @@ def search_ticket(tuner: FineTuner, cfg: FinetuneConfig, source: ModelSource, da
                                                  "search_tokens": 0, "search_flops": 0.0, "emerged_at": None},
                        out, tuner)
     gates = gates_for(hf)
-    tracker = TicketTracker(s, gates, out, tuner.dist.is_main)
+    tracker = TicketTracker(s, gates, out, tuner.dist.is_main,
+                            read=lambda: tuner.engine.fp32_values([gates.heads, gates.ffn]))
     steps_per_epoch = math.ceil(len(data.splits["train"]) / cfg.batch_size)
     budget = min(s.max_steps, max(1, int(cfg.earlybert.search_epochs * steps_per_epoch)))
     plan = FitPlan(epochs=1, lr=cfg.earlybert.search_lr, max_steps=budget, evaluate=False,

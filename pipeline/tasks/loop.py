@@ -75,7 +75,7 @@ class FineTuner:
         steps_per_epoch = math.ceil(len(train) / self.cfg.batch_size)
         total = steps_per_epoch * plan.epochs if plan.max_steps is None else min(plan.max_steps,
                                                                                    steps_per_epoch * plan.epochs)
-        engine = self._engine(objective, plan.lr, total, name)
+        engine = self.engine = self._engine(objective, plan.lr, total, name)  # hooks may read it (gates)
         result, best_state, start = FitResult(), None, time.perf_counter()
         metric = primary_metric(data.task.kind)
         for epoch in range(plan.epochs):

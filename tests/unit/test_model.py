@@ -50,3 +50,39 @@ def test_sdpa_and_flops_accounting():
     non_embedding = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
     assert 6 * non_embedding < sparse < dense  # the head saving is the vocab projection at 85% of positions
     assert abs((dense - sparse) - 6 * 0.85 * (768 * 768 + 768 * 30522)) < 1
+
+
+def _counted_step_flops(objective, ids, labels) -> float:
+    """FLOPs of one forward + backward as torch counts them (SDPA's math path, whose matmuls are visible)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = objective(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
+                        labels=labels)
+        out.loss.backward()
+    return float(counter.get_total_flops())
+
+
+def test_training_flops_match_torchs_count_dense_pruned_and_with_a_layer_without_heads():
+    from pipeline.model.bert import layer_widths
+    from pipeline.model.prune import prune_model
+
+    torch.manual_seed(0)
+    config = bert_config(ModelConfig(preset="tiny", num_layers=3, num_heads=4, dropout=0.0), 300)
+    seq, gen = 32, torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 300, (2, seq), generator=gen)
+    labels = torch.full_like(ids, -100)
+    labels[:, ::4] = ids[:, ::4]  # 16 of 64 positions masked: a mask fraction of 0.25
+    plans = {"dense": None,
+             "pruned": {"heads": [[0, 2], [], [0, 1, 2, 3]], "ffn": [list(range(0, 512, 2)), list(range(100)), []]}}
+    for name, plan in plans.items():
+        hf = build_model(config, pairs=False)
+        if plan is not None:
+            prune_model(hf, plan)
+        objective = PretrainObjective(hf, sparse=True)
+        counted = _counted_step_flops(objective, ids, labels)
+        predicted = train_flops_per_token(config, seq, 0.25, sparse=True, widths=layer_widths(hf)) * ids.numel()
+        assert abs(counted - predicted) <= 1e-6 * counted, (name, counted, predicted)
+    pruned_widths = layer_widths(hf)
+    assert pruned_widths[1] == (0, 100) and pruned_widths[2] == (128, 0)  # no heads / no neurons left
