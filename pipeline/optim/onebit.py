@@ -120,11 +120,16 @@ class OnebitOptimizer(torch.optim.Optimizer):
         self.exp_avg_sq.div_(correction2)  # v_hat: from here on no longer bias-corrected
         self.frozen_sq = self.exp_avg_sq.to(torch.bfloat16)
 
-    def _denominators(self) -> list[torch.Tensor]:
-        """sqrt(v_frozen) + eps per tensor (the same on every rank), for the length of one step."""
-        return [v.float().sqrt_().add_(group["eps"]) for v, group in zip(self.views(self.frozen_sq), self.groups)]
+    def _denominators(self):
+        """sqrt(v_frozen) + eps per tensor (the same on every rank), one at a time.
 
-    def _average_momentum(self, layer_scales: torch.Tensor | None = None) -> list[torch.Tensor]:
+        Rebuilt where needed rather than kept: on CPU, holding (page-faulting) a parameter-sized
+        buffer for the whole step measured slower than recomputing them.
+        """
+        for v, group in zip(self.views(self.frozen_sq), self.groups):
+            yield v.float().sqrt_().add_(group["eps"])
+
+    def _average_momentum(self, layer_scales: torch.Tensor | None = None) -> None:
         """The momentum averaged over the ranks at 1 bit per element, in the frozen preconditioner's units.
 
         The frozen denominator is the same on every rank, so averaging m / denom and multiplying back
@@ -135,18 +140,17 @@ class OnebitOptimizer(torch.optim.Optimizer):
         """
         if self.compressor is None:
             self.compressor = CompressedAllreduce(self.numel, device=self.exp_avg.device)
-        moments, denominators = self.views(self.exp_avg), self._denominators()
+        moments = self.views(self.exp_avg)
         scales = [None] * len(moments) if layer_scales is None else layer_scales
-        for m, denom, scale in zip(moments, denominators, scales):
+        for m, denom, scale in zip(moments, self._denominators(), scales):
             m.div_(denom)
             if scale is not None:
                 m.mul_(scale)
         self.compressor(self.exp_avg, frozen=self.frozen_sq == 0)
-        for m, denom, scale in zip(moments, denominators, scales):
+        for m, denom, scale in zip(moments, self._denominators(), scales):
             if scale is not None:
                 m.div_(scale)
             m.mul_(denom)
-        return denominators  # the step's update needs them too
 
     def _correction1(self) -> float:
         return 1 - self.param_groups[0]["betas"][0] ** self.step_count
@@ -219,10 +223,12 @@ class OnebitAdam(OnebitOptimizer):
         beta1 = self.param_groups[0]["betas"][0]
         for m, g in zip(self.views(self.exp_avg), grads):
             m.lerp_(g, 1 - beta1)
-        denominators = self._average_momentum()
+        self._average_momentum()
         correction1 = self._correction1()
-        for p, m, denom, group in zip(self.params, self.views(self.exp_avg), denominators, self.groups):
+        for p, g, m, v, group in zip(self.params, grads, self.views(self.exp_avg), self.views(self.frozen_sq),
+                                     self.groups):
             p.mul_(1 - group["lr"] * group["weight_decay"])
+            denom = g.copy_(v).sqrt_().add_(group["eps"])  # the consumed gradient is the scratch
             p.addcdiv_(m, denom, value=-group["lr"] / correction1)
 
 
@@ -277,18 +283,19 @@ class OnebitLamb(OnebitOptimizer):
         for m, g in zip(moments, grads):
             m.mul_(beta1).add_(g, alpha=1 - beta1)  # the local momentum
             g.mul_(beta1 - 1).add_(m)  # the gradient buffer now holds beta1 * m_prev
-        denominators = self._average_momentum(self.momentum_scale)
+        self._average_momentum(self.momentum_scale)
         for m, g in zip(moments, grads):
             g.neg_().add_(m).div_(1 - beta1)  # the gradient the averaged momentum implies
-        self._apply(grads, denominators)
+        self._apply(grads)
 
-    def _apply(self, grads: list[torch.Tensor], denominators: list[torch.Tensor]) -> None:
+    def _apply(self, grads: list[torch.Tensor]) -> None:
         beta2 = self.param_groups[0]["betas"][1]
         correction1 = self._correction1()
-        for i, (p, g, m, fresh, denom, group) in enumerate(zip(
-                self.params, grads, self.views(self.exp_avg), self.views(self.exp_avg_sq), denominators,
-                self.groups)):
+        for i, (p, g, m, fresh, frozen, group) in enumerate(zip(
+                self.params, grads, self.views(self.exp_avg), self.views(self.exp_avg_sq),
+                self.views(self.frozen_sq), self.groups)):
             fresh.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = g.copy_(frozen).sqrt_().add_(group["eps"])
             factor = (denom / fresh.sqrt().add_(group["eps"])).max()
             update = torch.div(m, denom, out=g).div_(correction1)
             prelim = update.norm()
