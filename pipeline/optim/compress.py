@@ -37,17 +37,13 @@ def padded_size(numel: int, world: int) -> int:
     return math.ceil(numel / (8 * world)) * 8 * world
 
 
-def pack_signs(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """One bit per element (1 = non-negative), eight per byte, most significant first; numel % 8 == 0."""
     if x.device.type == "cpu":  # numpy's packbits is one C pass; the torch form below makes 3 tensors
-        packed = torch.from_numpy(np.packbits((x.reshape(-1) >= 0).numpy()))
-    else:
-        bits = (x.reshape(-1, 8) >= 0).to(torch.uint8)
-        weights = torch.tensor(BIT_WEIGHTS, dtype=torch.uint8, device=x.device)
-        packed = (bits * weights).sum(dim=1, dtype=torch.uint8)
-    if out is None:
-        return packed
-    return out.copy_(packed)
+        return torch.from_numpy(np.packbits((x.reshape(-1) >= 0).numpy()))
+    bits = (x.reshape(-1, 8) >= 0).to(torch.uint8)
+    weights = torch.tensor(BIT_WEIGHTS, dtype=torch.uint8, device=x.device)
+    return (bits * weights).sum(dim=1, dtype=torch.uint8)
 
 
 def sign_table(device: torch.device | str = "cpu") -> torch.Tensor:

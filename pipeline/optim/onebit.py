@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as tdist
 
 from pipeline.optim.compress import CompressedAllreduce, padded_size
 from pipeline.optim.lamb import adam_direction, trust_ratio
@@ -59,8 +60,6 @@ class OnebitOptimizer(torch.optim.Optimizer):
         """
         if self._buffers_ready:
             return
-        import torch.distributed as tdist
-
         self.params = [p for g in self.param_groups for p in g["params"]]
         self.groups = [g for g in self.param_groups for _ in g["params"]]
         sizes = [p.numel() for p in self.params]

@@ -64,7 +64,6 @@ def run(ctx: StageContext) -> StageResult:
 
 def _throughput(ctx: StageContext) -> dict:
     """Median tokens/s of this run and, when the dense pretrain ran in the same run, of that one."""
-    import json
     import statistics
 
     def median_tps(stage_dir) -> float | None:
