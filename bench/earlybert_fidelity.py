@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import shutil
@@ -77,9 +78,11 @@ def subsample_tasks(cfg, root: Path, cap: int | None) -> list[dict]:
         keep = sorted(random.Random(0).sample(range(len(body)), count))
         path = root / "tasks" / task.name / "train.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
-            writer.writerows([header] + [body[i] for i in keep])
+        out = io.StringIO()
+        writer = csv.writer(out, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
+        writer.writerows([header] + [body[i] for i in keep])
+        if not path.exists() or path.read_text(encoding="utf-8") != out.getvalue():  # a rewrite reruns finetune
+            path.write_text(out.getvalue(), encoding="utf-8")
         tasks.append({**task.model_dump(mode="json"), "train": str(path), "test": None})
     return tasks
 
