@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from pipeline.config import load_config
 from pipeline.optim.compress import bytes_per_call
 from pipeline.plan.cluster import ClusterSpec, load_cluster
@@ -66,7 +68,8 @@ def test_pruned_plan_costs_less_compute_per_step():
 
 
 def test_bad_cluster_file_is_one_line_and_exit_2(tmp_path):
-    bad = write_config(tmp_path / "bad.yaml", {"name": "x", "nodes": "two"})
+    good = yaml.safe_load((REPO / "clusters" / "dgx-a100.yaml").read_text())
+    bad = write_config(tmp_path / "bad.yaml", {**good, "nodes": "two"})
     proc = run_cli("plan", "--config", str(FLAGSHIP), "--cluster", str(bad))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {bad}: nodes: Input should be a valid integer, unable to "
