@@ -16,7 +16,7 @@ STAMP      := $(VENV)/.installed
 
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup data demo test bench lint prepare pretrain search prune retrain finetune run-all env clean-runs
+.PHONY: setup data demo test bench lint prepare pretrain search prune retrain finetune run-all env plan clean-runs
 
 setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
@@ -37,6 +37,10 @@ prepare finetune run-all: data
 
 env: setup
 	bash launch/run_stage.sh env "" "$(HOSTFILE)"
+
+CLUSTER ?= clusters/academic-2020.yaml
+plan: setup
+	$(PY) -m pipeline plan --config $(CONFIG) --cluster $(CLUSTER) $(foreach s,$(SET),--set $(s))
 
 demo: data
 	bash launch/run_stage.sh run-all configs/demo.yaml hostfiles/localhost

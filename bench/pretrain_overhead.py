@@ -78,7 +78,7 @@ def pipeline_loop(prepare_dir: Path) -> float:
 
     shards, model, optimizer = build(prepare_dir)
     dist = Dist(detect(os.environ))
-    plan = PhasePlan(0, SEQ, STEPS, BatchPlan(MICRO, 1, 1, "fp32", 1.0), 1e-3, 0)
+    plan = PhasePlan(0, SEQ, STEPS, BatchPlan(MICRO, 1, 1, "fp32", 1.0), 1e-3, 0, 0.1)
     engine = Engine(model, optimizer, warmup_poly(optimizer, STEPS, ScheduleConfig()),
                     ds_config(REPO / "ds_configs/cpu_demo.json", plan.batch), dist)
     loader = PretrainLoader(shards, MICRO, MaskingConfig(), seed=1)

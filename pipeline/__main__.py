@@ -1,8 +1,8 @@
 """`python -m pipeline <stage> --config FILE [--set a.b=c ...] [--force]`: dispatch only.
 
 Commands: the stages (prepare, pretrain, search, prune, retrain, finetune), `run-all` (every
-available stage in order, each skipped when up to date) and `env` (what each rank of this
-launch sees, checked over a real process group).
+available stage in order, each skipped when up to date), `env` (what each rank of this
+launch sees, checked over a real process group) and `plan` (days and cost on a cluster).
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for stage in ORDER:
         commands.add_parser(stage, parents=[staged], help=f"run the {stage} stage")
     commands.add_parser("run-all", parents=[staged], help="run every available stage in order")
+    plan = commands.add_parser("plan", parents=[common], help="days and cost of the run config on a cluster")
+    plan.add_argument("--config", required=True, help="run config (YAML)")
+    plan.add_argument("--cluster", required=True, help="cluster description (YAML, see clusters/)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                      help="override a run config value (repeatable)")
+    plan.add_argument("--json", default=None, help="also write the plan here (and a PNG beside it)")
+    plan.add_argument("--budget-days", type=float, default=None, help="rank the options that fit this many days")
     env = commands.add_parser("env", parents=[common], help="show and check the launch environment")
     env.add_argument("--json", default=None, help="also write what every rank saw to this file")
     return parser.parse_args(argv)
@@ -42,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.envcheck import run_env_check
 
             return run_env_check(args.json)
+        if args.command == "plan":
+            from pipeline.plan.command import run_plan
+
+            return run_plan(args.config, args.cluster, args.overrides, args.json, args.budget_days)
         from pipeline.cli import run_command
 
         return run_command(args.command, args.config, args.overrides, args.force)

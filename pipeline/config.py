@@ -132,6 +132,7 @@ class PhaseConfig(Section):
     global_batch_size: PosInt
     micro_batch_size: PosInt
     lr: Annotated[float, Field(gt=0.0)] | None = None  # default: optimizer.lr
+    warmup: Fraction | None = None  # fraction of this phase's steps (default: schedule.warmup)
     freeze_step: NonNegInt | None = None  # 1-bit optimizers: this phase's warmup (default: optimizer.freeze_step)
 
 
@@ -284,6 +285,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(_describe(exc, path, override_keys)) from None
 
 
+def load_model_file(path: str | Path, model: type[Section]) -> Section:
+    """A YAML file validated as `model` (e.g. a cluster description); problems are one ConfigError line."""
+    path = Path(path)
+    raw = _read_yaml_chain(path, seen=())
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, set(), model)) from None
+
+
 def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -331,24 +342,35 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any, item: str) -> None:
-    node = raw
+    """`a.b.c=v`; a number indexes a list (`pretrain.phases.0.steps=10` changes one phase)."""
+    node: Any = raw
     parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {item}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {item}: '{where}' is a list of {len(node)}, '{part}' is not an index in it")
+            index: int | str = int(part)
+        elif isinstance(node, dict):
+            index = part
+        else:
+            raise ConfigError(f"--set {item}: '{where}' is not a section")
+        if depth == len(parts) - 1:
+            node[index] = value
+        elif isinstance(node, dict):
+            node = node.setdefault(index, {})
+        else:
+            node = node[index]
 
 
-def _describe(exc: ValidationError, path: Path, override_keys: set[str]) -> str:
+def _describe(exc: ValidationError, path: Path, override_keys: set[str], root: type[BaseModel] | None = None) -> str:
     """The first validation error as 'file: field: reason' (a user fixes one thing at a time)."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
-    where = f"--set {loc}" if loc in override_keys else f"{path}: {loc}"
-    reason = err["msg"]
+    where = f"--set {loc}" if loc in override_keys else (f"{path}: {loc}" if loc else str(path))
+    reason = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        reason = "unknown field" + _suggestion(err["loc"])
+        reason = "unknown field" + _suggestion(err["loc"], root or RunConfig)
     elif err["type"] == "missing":
         reason = "required field is missing"
     elif "input" in err and not isinstance(err["input"], dict | list):
@@ -358,8 +380,8 @@ def _describe(exc: ValidationError, path: Path, override_keys: set[str]) -> str:
     return f"{where}: {reason}{suffix}"
 
 
-def _suggestion(loc: tuple[Any, ...]) -> str:
-    model: type[BaseModel] | None = RunConfig
+def _suggestion(loc: tuple[Any, ...], root: type[BaseModel]) -> str:
+    model: type[BaseModel] | None = root
     for part in loc[:-1]:
         if model is None or isinstance(part, int):
             continue

@@ -37,6 +37,7 @@ class PhasePlan:
     batch: BatchPlan
     lr: float
     freeze_step: int  # 1-bit optimizers: every phase has a fresh optimizer, so its own warmup
+    warmup: float  # fraction of the phase's schedule spent warming up
     schedule_start: int = 0  # steps of this phase's schedule trained elsewhere (retrain continuing a search)
 
 
@@ -71,7 +72,8 @@ def plan_phases(cfg: RunConfig, world_size: int) -> list[PhasePlan]:
         batch = BatchPlan(phase.micro_batch_size, phase.global_batch_size // per_step, world_size,
                           cfg.pretrain.precision, cfg.pretrain.grad_clip)
         freeze = cfg.optimizer.freeze_step if phase.freeze_step is None else phase.freeze_step
-        plans.append(PhasePlan(i, phase.seq_len, phase.steps, batch, phase.lr or cfg.optimizer.lr, freeze))
+        warmup = cfg.schedule.warmup if phase.warmup is None else phase.warmup
+        plans.append(PhasePlan(i, phase.seq_len, phase.steps, batch, phase.lr or cfg.optimizer.lr, freeze, warmup))
     return plans
 
 
@@ -108,7 +110,8 @@ class Trainer:
     def _engine(self, plan: PhasePlan) -> Engine:
         optimizer = build_optimizer(self.cfg.optimizer.model_copy(update={"freeze_step": plan.freeze_step}),
                                     self.objective, plan.lr)
-        scheduler = warmup_poly(optimizer, plan.schedule_start + plan.steps, self.cfg.schedule, plan.schedule_start)
+        schedule = self.cfg.schedule.model_copy(update={"warmup": plan.warmup})
+        scheduler = warmup_poly(optimizer, plan.schedule_start + plan.steps, schedule, plan.schedule_start)
         tb = self.ctx.stage_dir / "tensorboard"
         cfg = ds_config(Path(self.ds_config_path), plan.batch, tensorboard_dir=tb, job_name=f"phase{plan.index}",
                         compressed=self.cfg.optimizer.name.startswith("onebit"))

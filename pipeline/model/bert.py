@@ -118,5 +118,17 @@ def train_flops_per_token(config: BertConfig, seq_len: int, mask_fraction: float
     return 6.0 * (encoder_macs_per_token(config, seq_len, widths) + head)
 
 
+def count_parameters_of(config: BertConfig, widths: list[tuple[int, int]] | None = None) -> int:
+    """Parameters of the MLM model from its shapes alone (the plan sizes models it never builds):
+    embeddings, every layer at its (attention, FFN) width, the MLM head with its decoder tied."""
+    h, v = config.hidden_size, config.vocab_size
+    if widths is None:
+        widths = [(h, config.intermediate_size)] * config.num_hidden_layers
+    embeddings = (v + config.max_position_embeddings + config.type_vocab_size) * h + 2 * h
+    layers = sum(3 * (h * a + a) + a * h + h + 2 * h + h * f + f + f * h + h + 2 * h for a, f in widths)
+    head = h * h + h + 2 * h + v
+    return embeddings + layers + head
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -37,6 +37,15 @@ def padded_size(numel: int, world: int) -> int:
     return math.ceil(numel / (8 * world)) * 8 * world
 
 
+def bytes_per_call(numel: int, world: int) -> int:
+    """What one call hands the collectives from each rank (what `bytes_sent` counts): the packed signs
+    by all-to-all and by all-gather, (world-1)/world of the padded length / 8 each, and 2 scales."""
+    if world == 1:
+        return 0
+    signs = padded_size(numel, world) // 8
+    return 2 * signs * (world - 1) // world + 2 * 4 * (world - 1)
+
+
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """One bit per element (1 = non-negative), eight per byte, most significant first; numel % 8 == 0."""
     if x.device.type == "cpu":  # numpy's packbits is one C pass; the torch form below makes 3 tensors

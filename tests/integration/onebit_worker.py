@@ -26,7 +26,7 @@ from pipeline.dist import Dist, detect
 from pipeline.engine import BatchPlan, Engine, ds_config
 from pipeline.model.bert import PretrainObjective, bert_config, build_model
 from pipeline.optim.build import build_optimizer
-from pipeline.optim.compress import CompressedAllreduce
+from pipeline.optim.compress import CompressedAllreduce, bytes_per_call
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 300
@@ -61,7 +61,8 @@ def check_compress(dist: Dist) -> dict:
         drift += (out - true).double()
     return {"identical": identical, "zeros_kept": zeros_kept, "drift": float(drift.norm()),
             "step_error_scale": float(true.norm()), "bytes_per_call": comp.bytes_sent / 200,
-            "fp32_allreduce_bytes": 2 * (dist.world_size - 1) / dist.world_size * 4 * n}
+            "fp32_allreduce_bytes": 2 * (dist.world_size - 1) / dist.world_size * 4 * n,
+            "predicted_bytes_per_call": bytes_per_call(n, dist.world_size)}
 
 
 def train(dist: Dist, optimizer_cfg: OptimizerConfig, precision: str, steps: int, idle_last_rank: bool = False):

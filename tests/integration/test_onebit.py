@@ -39,6 +39,7 @@ def test_onebit_warmup_is_the_full_precision_optimizer_and_no_rank_skips_a_colle
     assert comp["zeros_kept"], "elements frozen at zero came back non-zero"
     assert comp["drift"] < 2 * comp["step_error_scale"]  # 200 calls drift no more than ~one call's error
     assert comp["bytes_per_call"] <= comp["fp32_allreduce_bytes"] / 16
+    assert comp["bytes_per_call"] == comp["predicted_bytes_per_call"]  # the size plan's 1-bit model uses
     for name, run in seen["idle_rank"].items():  # a rank with all-zero local gradients
         assert run["identical"] and run["compressing"] and run["finite"], (name, run)
     zero = seen["zero_partition"]  # finishing at all is the point: a skipped all-reduce hangs

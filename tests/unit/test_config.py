@@ -86,6 +86,20 @@ def test_overrides_are_typed_and_validated(tmp_path, capsys):
         load_config(path, ["data.workers"])
 
 
+def test_overrides_index_lists(tmp_path, capsys):
+    phases = [{"seq_len": 128, "steps": 10, "global_batch_size": 8, "micro_batch_size": 4, "lr": 1e-3},
+              {"seq_len": 512, "steps": 5, "global_batch_size": 4, "micro_batch_size": 2}]
+    path = write_config(tmp_path / "c.yaml", {**GOOD, "pretrain": {"phases": phases}})
+    cfg = load_config(path, ["pretrain.phases.0.steps=3", "pretrain.phases.1.warmup=0.5"])
+    first, second = cfg.pretrain.phases
+    assert (first.steps, first.lr, first.seq_len, second.steps, second.warmup) == (3, 1e-3, 128, 5, 0.5)
+    err = _error_line(capsys, path, "--set", "pretrain.phases.2.steps=3")
+    assert err == "error: --set pretrain.phases.2.steps=3: 'pretrain.phases' is a list of 2, '2' is not an index in it"
+    assert "is not a section" in _error_line(capsys, path, "--set", "run.name.x=1")
+    err = _error_line(capsys, path, "--set", "pretrain.phases.0.steps=0")
+    assert err.startswith("error: --set pretrain.phases.0.steps: Input should be greater than 0")
+
+
 def test_base_chain_merges_and_detects_loops(tmp_path):
     write_config(tmp_path / "base.yaml", {**GOOD, "model": {"preset": "small", "dropout": 0.2}})
     child = write_config(tmp_path / "child.yaml", {"base": "base.yaml", "model": {"preset": "tiny"}})

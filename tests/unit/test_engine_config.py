@@ -70,3 +70,12 @@ def test_phase_plans_check_batch_divisibility_and_lengths(tmp_path):
     base["pretrain"]["phases"][0]["seq_len"] = 512
     with pytest.raises(ConfigError, match="seq_len: 512 is not among data.seq_lengths"):
         plan_phases(load_config(write_config(tmp_path / "b.yaml", base)), world_size=1)
+
+
+def test_each_phase_may_set_its_own_warmup(tmp_path):
+    phases = [{"seq_len": 128, "steps": 10, "global_batch_size": 8, "micro_batch_size": 8, "warmup": 0.5},
+              {"seq_len": 128, "steps": 10, "global_batch_size": 8, "micro_batch_size": 8}]
+    base = {"run": {"name": "x"}, "data": {"seq_lengths": [128]}, "schedule": {"warmup": 0.2},
+            "pretrain": {"phases": phases}}
+    first, second = plan_phases(load_config(write_config(tmp_path / "a.yaml", base)), world_size=1)
+    assert (first.warmup, second.warmup) == (0.5, 0.2)

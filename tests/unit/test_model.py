@@ -65,7 +65,7 @@ def _counted_step_flops(objective, ids, labels) -> float:
 
 
 def test_training_flops_match_torchs_count_dense_pruned_and_with_a_layer_without_heads():
-    from pipeline.model.bert import layer_widths
+    from pipeline.model.bert import count_parameters, count_parameters_of, layer_widths
     from pipeline.model.prune import prune_model
 
     torch.manual_seed(0)
@@ -84,5 +84,6 @@ def test_training_flops_match_torchs_count_dense_pruned_and_with_a_layer_without
         counted = _counted_step_flops(objective, ids, labels)
         predicted = train_flops_per_token(config, seq, 0.25, sparse=True, widths=layer_widths(hf)) * ids.numel()
         assert abs(counted - predicted) <= 1e-6 * counted, (name, counted, predicted)
+        assert count_parameters_of(config, layer_widths(hf)) == count_parameters(hf), name  # what plan sizes
     pruned_widths = layer_widths(hf)
     assert pruned_widths[1] == (0, 100) and pruned_widths[2] == (128, 0)  # no heads / no neurons left
