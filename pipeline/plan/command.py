@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.config import RunConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.plan.cluster import ClusterSpec, load_cluster
 from pipeline.plan.costmodel import Options, Plan, plan_run, ticket_widths
 from pipeline.plan.render import plot_plan, print_plan
@@ -48,7 +49,7 @@ def what_if(cfg: RunConfig, cluster: ClusterSpec, mfu: float, dense: Plan) -> li
             continue
         try:
             plan = plan_run(cfg, other, other_mfu)
-        except Exception as exc:  # e.g. a batch that does not divide over its GPUs: say so in the row
+        except ConfigError as exc:  # e.g. a batch that does not divide over its GPUs: say so in the row
             rows.append({"option": f"on {other.name}", "error": str(exc)})
             continue
         rows.append({"option": f"on {other.name} ({other.description})", **plan.summary(other.price_per_gpu_hour)})
@@ -59,11 +60,11 @@ def budget_options(cfg: RunConfig, cluster: ClusterSpec, mfu: float, days: float
     """Node counts x 1-bit x EarlyBERT on this cluster's kind of node, those within `days`, cheapest first."""
     rows = []
     for nodes in range(1, cluster.nodes + 1):
-        sized = cluster.model_copy(update={"nodes": nodes, "inter_node": cluster.inter_node})
+        sized = cluster.model_copy(update={"nodes": nodes})
         for onebit in (None, "onebit_lamb"):
             try:
                 dense = plan_run(cfg, sized, mfu, Options(optimizer=onebit))
-            except Exception:  # the global batch does not divide over this many GPUs
+            except ConfigError:  # the global batch does not divide over this many GPUs
                 continue
             for ticket in (False, True):
                 price = sized.price_per_gpu_hour

@@ -155,6 +155,8 @@ def phase_cost(cfg: RunConfig, cluster: ClusterSpec, mfu: float, index: int, opt
     phase = cfg.pretrain.phases[index]
     world = cluster.gpus
     per_step = phase.micro_batch_size * world
+    # train.plan_phases checks the same for the ranks of a launch; it lives beside the engine (deepspeed),
+    # which planning on a laptop should not need to import
     if phase.global_batch_size % per_step:
         raise ConfigError(f"pretrain.phases.{index}.global_batch_size: {phase.global_batch_size} is not a multiple "
                           f"of micro_batch_size x GPUs = {phase.micro_batch_size} x {world} on {cluster.name}")
@@ -168,8 +170,7 @@ def phase_cost(cfg: RunConfig, cluster: ClusterSpec, mfu: float, index: int, opt
     accum = phase.global_batch_size // per_step
     overlappable, after, sent = dense_comm(params, comm, cluster)
     window = (2 / 3) * compute / accum if comm.overlap else 0.0
-    exposed_dense, total_dense = max(0.0, overlappable - window) + after, overlappable + after
-    exposed = total = exposed_dense
+    exposed, total = max(0.0, overlappable - window) + after, overlappable + after
     optimizer = options.optimizer or cfg.optimizer.name
     if optimizer.startswith("onebit"):  # warmup steps dense (stage 0, no overlap), the rest compressed
         freeze = phase.freeze_step if phase.freeze_step is not None else (
@@ -180,8 +181,6 @@ def phase_cost(cfg: RunConfig, cluster: ClusterSpec, mfu: float, index: int, opt
         share = min(1.0, freeze / phase.steps)
         exposed = total = share * warm + (1 - share) * onebit
         sent = share * warm_sent + (1 - share) * onebit_sent
-    else:
-        total = total_dense
     step = compute + exposed + data_seconds
     steps = max(1, round(options.step_fraction * phase.steps))
     return PhaseCost(index, phase.seq_len, steps, phase.global_batch_size, accum, tokens, flops, compute, exposed,
