@@ -108,6 +108,23 @@ def worker(mode: str, out: Path, preset: str = "small") -> None:
                                    "state_bytes_per_param": optimizer.state_bytes() / params}))
 
 
+def calibration(results: dict, rate: str = "10gbit") -> dict:
+    """The collectives' local work for a cluster file (`collectives:`), from the fastest link's rows: what a
+    step takes beyond the lone rank's compute and the bytes' time on the link is work at the endpoints.
+    Dense: gloo summing the received half of the gradients (2 ranks: (n-1)/n of the fp32 bytes);
+    1-bit: the compressed stage's per-parameter work."""
+    local, rows = results["local"]["seconds_per_step"], results[rate]
+    bits_per_s = float(rate.removesuffix("gbit")) * 1e9
+    params = results["local"]["parameters"]
+
+    def excess(mode: str) -> float:
+        row = rows[mode]
+        return max(0.0, row["seconds_per_step"] - local - row["counted_bytes_per_step"] * 8 / bits_per_s)
+
+    return {"measured_at": rate, "reduce_ns_per_byte": excess("dense") / (params * 4 / 2) * 1e9,
+            "onebit_ns_per_element": {m: excess(m) / params * 1e9 for m in ("onebit_adam", "onebit_lamb")}}
+
+
 def main() -> None:
     reason = hosts.available()
     if reason:
@@ -122,6 +139,7 @@ def main() -> None:
             finally:
                 hosts.drop_hosts()
     results["local"] = local
+    results["calibration"] = calibration(results)
     lines = [f"BERT-small (4 layers, hidden 512, vocab 30522, {local['parameters'] / 1e6:.1f}M parameters), 2 ranks in "
              "2 network namespaces joined by a veth pair (tc tbf rate limit), gloo, fp32, micro-batch "
              f"{MICRO} x {SEQ}; mean of the last {TIMED} of {STEPS} steps (1-bit: compressed from step 3). "
@@ -131,7 +149,7 @@ def main() -> None:
              "| seconds per step | share in communication | speed-up | optimizer state per parameter |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for link, modes in results.items():
-        if link == "local":
+        if link in ("local", "calibration"):
             continue
         dense = modes["dense"]
         for mode, r in modes.items():
@@ -142,6 +160,10 @@ def main() -> None:
                          f"{r['seconds_per_step']:.3f} | {100 * comm:.0f}% | "
                          f"{dense['seconds_per_step'] / r['seconds_per_step']:.2f}x | "
                          f"{r['state_bytes_per_param']:.2f} B |")
+    cal = results["calibration"]
+    lines += ["", f"Local work of the collectives at {cal['measured_at']} (for a cluster file's `collectives:`): "
+              f"summing {cal['reduce_ns_per_byte']:.2f} ns per gradient byte, 1-bit stage "
+              + ", ".join(f"{m} {v:.1f} ns" for m, v in cal["onebit_ns_per_element"].items()) + " per parameter."]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "onebit_network.json").write_text(json.dumps(results, indent=2) + "\n")
     (OUT / "onebit_network.md").write_text("\n".join(lines) + "\n")

@@ -6,6 +6,8 @@ sparse MLM head, this project's LAMB, fp32, micro-batch 32, no accumulation.
   plain     model(batch) -> loss.backward() -> optimizer.step() -> zero_grad, batches pre-built
   pipeline  the pretrain stage's own step: the loader (prefetch, dynamic masking) and the
             DeepSpeed engine (ZeRO-1, gradient clipping, LR schedule), as `Trainer._train_step` runs it
+Each loop's MFU is its model FLOPs per second (the trainer's own accounting) over a square fp32
+matmul's rate measured in the same run: `clusters/this-machine.yaml` reads the pipeline's as its MFU.
 Writes bench/results/pretrain_overhead.md and .json.
 """
 
@@ -92,23 +94,41 @@ def pipeline_loop(prepare_dir: Path) -> float:
     return (STEPS - WARMUP) * MICRO * SEQ / (time.perf_counter() - start)
 
 
+def flops_per_token(vocab: int) -> float:
+    from pipeline.config import MaskingConfig, ModelConfig
+    from pipeline.model.bert import bert_config, train_flops_per_token
+
+    return train_flops_per_token(bert_config(ModelConfig(preset="small"), vocab), SEQ, MaskingConfig().probability,
+                                 True)
+
+
 def main() -> None:
+    from pipeline.plan.measure import matmul_tflops
+
     with tempfile.TemporaryDirectory() as tmp:
         prepare_dir = prepare(Path(tmp))
+        peak = matmul_tflops()  # the rate the MFU is a fraction of, measured beside the loops
         plain = plain_loop(prepare_dir)
         piped = pipeline_loop(prepare_dir)
+        peak = max(peak, matmul_tflops())
+    flops = flops_per_token(30522)
     result = {"plain_tokens_per_s": plain, "pipeline_tokens_per_s": piped, "ratio": piped / plain,
               "geometry": "small (4 layers, hidden 512, 8 heads), vocab 30522, seq 128, micro-batch 32, fp32",
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "matmul_tflops": peak, "flops_per_token": flops,
+              # variants for a cluster file's mfu_from: the model FLOPs reached, as a fraction of the matmul rate
+              "plain": {"tokens_per_s": plain, "mfu": plain * flops / (peak * 1e12)},
+              "pipeline": {"tokens_per_s": piped, "mfu": piped * flops / (peak * 1e12)}}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "pretrain_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     table = "\n".join([
         f"BERT-small geometry, vocab 30522, seq {SEQ}, micro-batch {MICRO}, fp32, sparse MLM head, LAMB, "
-        f"{torch.get_num_threads()} CPU threads; {STEPS - WARMUP} timed steps after {WARMUP} warm-up.",
-        "", "| loop | tokens/s | ratio |", "|---|---:|---:|",
-        f"| plain PyTorch (forward, backward, LAMB step) | {plain:,.0f} | 1.00 |",
+        f"{torch.get_num_threads()} CPU threads; {STEPS - WARMUP} timed steps after {WARMUP} warm-up. MFU: "
+        f"the model's FLOPs ({flops / 1e6:.1f} MFLOP per token) per second over a 2048^3 fp32 matmul's "
+        f"{peak * 1e3:.0f} GFLOP/s measured in the same run.",
+        "", "| loop | tokens/s | ratio | MFU |", "|---|---:|---:|---:|",
+        f"| plain PyTorch (forward, backward, LAMB step) | {plain:,.0f} | 1.00 | {result['plain']['mfu']:.1%} |",
         f"| pipeline step (loader + DeepSpeed engine, ZeRO-1, clipping, schedule) | {piped:,.0f} "
-        f"| {piped / plain:.2f} |"])
+        f"| {piped / plain:.2f} | {result['pipeline']['mfu']:.1%} |"])
     (OUT / "pretrain_overhead.md").write_text(table + "\n")
     print(table)
 

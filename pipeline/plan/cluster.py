@@ -33,6 +33,20 @@ class LinkSpec(Section):
     latency_us: NonNegFloat = 10.0
 
 
+class CollectiveCosts(Section):
+    """Local work a collective adds on each device beyond moving bytes over the links.
+
+    Zero suits GPUs: NCCL reduces inside its copy kernels and 1-bit compression is a few elementwise
+    passes at memory bandwidth, both far below the link time. On CPUs over gloo both are measurable:
+    `bench/onebit_network.py` derives them at 10 Gbit/s, where the link is not the limit.
+    """
+
+    reduce_ns_per_byte: NonNegFloat = 0.0  # summing the received gradient chunks, per byte all-reduced
+    # the compressed stage's own work per parameter (error feedback, sign packing, the frozen-state
+    # update) beyond a dense step's, per 1-bit optimizer
+    onebit_ns_per_element: dict[Literal["onebit_adam", "onebit_lamb"], NonNegFloat] = {}
+
+
 class MfuSource(Section):
     file: Path  # relative to the repository (or absolute)
     variant: str  # the key of the measured variant in that file
@@ -48,6 +62,7 @@ class ClusterSpec(Section):
     mfu_from: MfuSource | None = None
     intra_node: LinkSpec
     inter_node: LinkSpec | None = None  # needed when nodes > 1
+    collectives: CollectiveCosts = CollectiveCosts()
     price_per_gpu_hour: NonNegFloat = 0.0  # currency of your choice
     power_watts_per_gpu: PosFloat | None = None  # whole-node draw divided by GPUs, for energy
 

@@ -11,6 +11,8 @@ Communication, once per optimizer step (the accumulation boundary):
   1-bit   dense during the warmup (`freeze_step`), then the compressed exchange (all-to-all and
           all-gather of packed signs over all ranks, not hierarchical), its bytes from the compressor's
           own count (`compress.bytes_per_call`).
+Each collective also costs local work the cluster file may give (`collectives`): summing received
+gradient bytes, and the 1-bit stage's per-parameter work; negligible on GPUs, measured on CPUs.
 Overlap: with `overlap_comm`, gradient reduction runs during the last micro-batch's backward (2/3 of
 its compute); what does not fit is exposed. Data: shards are pre-tokenised and read by a prefetching
 thread, so the data term is 0 unless given.
@@ -112,8 +114,8 @@ def _link(nbytes: float, hops: int, link: LinkSpec) -> float:
     return nbytes * 8 / (link.bandwidth_gbit_s * 1e9) + hops * link.latency_us * 1e-6
 
 
-def onebit_seconds(params: int, cluster: ClusterSpec) -> tuple[float, float]:
-    """(seconds, bytes per GPU) of one compressed exchange over all ranks."""
+def onebit_seconds(params: int, cluster: ClusterSpec, optimizer: str = "onebit_adam") -> tuple[float, float]:
+    """(seconds, bytes per GPU) of one compressed exchange over all ranks, with its local work."""
     world, g = cluster.gpus, cluster.gpus_per_node
     sent = bytes_per_call(params, world)
     if world == 1:
@@ -123,7 +125,8 @@ def onebit_seconds(params: int, cluster: ClusterSpec) -> tuple[float, float]:
     seconds = _link(on_node, 2 * (g - 1), cluster.intra_node) if g > 1 else 0.0
     if cluster.nodes > 1:
         seconds = max(seconds, _link(off_node, 2 * (world - g), cluster.inter_node))
-    return seconds, sent
+    local = params * cluster.collectives.onebit_ns_per_element.get(optimizer, 0.0) * 1e-9
+    return seconds + local, sent
 
 
 def dense_comm(params: int, comm: Comm, cluster: ClusterSpec) -> tuple[float, float, float]:
@@ -132,12 +135,14 @@ def dense_comm(params: int, comm: Comm, cluster: ClusterSpec) -> tuple[float, fl
         return 0.0, 0.0, 0.0
     grads = params * comm.grad_bytes
     buckets = max(1, math.ceil(grads / BUCKET_BYTES))
+    share = (cluster.gpus - 1) / cluster.gpus
+    summing = grads * share * cluster.collectives.reduce_ns_per_byte * 1e-9  # each GPU sums (n-1)/n of them
     if comm.zero_stage == 0:
-        return ring_seconds(grads, cluster, buckets), 0.0, 2 * grads * (cluster.gpus - 1) / cluster.gpus
+        return ring_seconds(grads, cluster, buckets) + summing, 0.0, 2 * grads * share
     weights = params * comm.weight_bytes
-    reduce = ring_seconds(grads / 2, cluster, buckets)
+    reduce = ring_seconds(grads / 2, cluster, buckets) + summing
     gather = ring_seconds(weights / 2, cluster, buckets)
-    return reduce, gather, (grads + weights) * (cluster.gpus - 1) / cluster.gpus
+    return reduce, gather, (grads + weights) * share
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,7 @@ def phase_cost(cfg: RunConfig, cluster: ClusterSpec, mfu: float, index: int, opt
             cfg.optimizer.freeze_step if cfg.optimizer.freeze_step and not options.optimizer
             else round(options.freeze_fraction * phase.steps))
         warm, _, warm_sent = dense_comm(params, Comm(0, False, comm.grad_bytes, comm.weight_bytes), cluster)
-        onebit, onebit_sent = onebit_seconds(params, cluster)
+        onebit, onebit_sent = onebit_seconds(params, cluster, optimizer)
         share = min(1.0, freeze / phase.steps)
         exposed = total = share * warm + (1 - share) * onebit
         sent = share * warm_sent + (1 - share) * onebit_sent
