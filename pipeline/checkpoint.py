@@ -4,17 +4,24 @@
                                      client state: loader position, phase, step, tokens seen)
     checkpoints/p0-s0000500/rank1.pt  each rank's RNG states (dropout differs per rank) and its own
                                      optimizer state (1-bit error feedback)
+    checkpoints/p0-s0000500/manifest.json  every file's size and sha256 and the position, written
+                                     by rank 0 after all ranks' files, through a temporary name
     checkpoints/latest.json          the newest complete checkpoint, written last by rank 0
     checkpoints/phase0.json          a finished phase's summary (eval losses, steps), kept for the
                                      stage record even after its checkpoints are pruned
-A checkpoint exists only once `latest.json` names it: a kill during saving leaves the
-previous one in charge. The oldest ones beyond `keep` are deleted after a new one is named.
+A checkpoint exists only once its manifest does; `latest.json` only names one with a manifest.
+On resume (`resume_point`) rank 0 verifies the named checkpoint against its manifest: a damaged
+one is set aside as `<tag>.damaged` and named in the log, and the newest older checkpoint that
+verifies takes its place; a missing or unreadable `latest.json` is rebuilt from the checkpoints on
+disk, never taken as a fresh start; folders without a manifest (a save that was cut short) are
+removed. The oldest ones beyond `keep` are deleted after a new one is named.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +30,12 @@ import numpy as np
 import torch
 
 from pipeline.dist import Dist
-from pipeline.rundir import atomic_write_json
+from pipeline.errors import StageInputError
+from pipeline.rundir import atomic_write_json, sha256_file
 
 LATEST = "latest.json"
+MANIFEST = "manifest.json"
+TAG = re.compile(r"^p\d+-s\d{7}$")
 
 
 @dataclass(frozen=True)
@@ -77,11 +87,99 @@ def save(engine, directory: Path, position: Position, client_state: dict, dist: 
     directory = Path(directory)
     engine.save(directory, position.tag, client_state)
     torch.save({"rng": rng_state(), "optimizer": engine.rank_state()}, directory / position.tag / f"rank{dist.rank}.pt")
-    dist.barrier()  # every rank's files are written before the checkpoint is named
+    dist.barrier()  # every rank's files are written before the checkpoint is described and named
     if dist.is_main:
+        write_manifest(directory / position.tag, position)
         atomic_write_json(directory / LATEST, position.__dict__)
         _prune(directory, keep)
     dist.barrier()
+
+
+def write_manifest(folder: Path, position: Position) -> None:
+    """Sizes and sha256 of every file in the checkpoint (read back from shared storage: what a resume will
+    read), with the position, so `latest.json` can be rebuilt from the folder alone."""
+    files = {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    atomic_write_json(folder / MANIFEST, {"position": position.__dict__, "files": files})
+
+
+def verify(folder: Path) -> str | None:
+    """None if every file the manifest lists is there with its size and checksum, else what is wrong."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest (the save did not finish)"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if sha256_file(path) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def resume_point(directory: Path, dist: Dist, log) -> Position | None:
+    """The verified checkpoint to resume from (None: start fresh), the same on every rank."""
+    decision = _choose(Path(directory), log) if dist.is_main else None
+    decision = dist.broadcast_object(decision)
+    if isinstance(decision, str):
+        raise StageInputError(decision)
+    return Position(**decision) if decision else None
+
+
+def _choose(directory: Path, log) -> dict | str | None:
+    """Rank 0's decision: a position, None for a fresh start, or the one line to stop with."""
+    if not directory.is_dir():
+        return None
+    named, problem = _read_latest(directory)
+    folders = sorted((p for p in directory.iterdir() if p.is_dir() and TAG.match(p.name)), reverse=True)
+    for folder in folders:
+        if not (folder / MANIFEST).exists() and (named is None or folder.name != named["tag"]):
+            shutil.rmtree(folder, ignore_errors=True)  # a save cut short: never named, never complete
+            log.warning(f"removed {folder}: a checkpoint whose save did not finish")
+    candidates = [f for f in folders if f.exists()]
+    if named is None and not candidates:
+        if problem:
+            log.warning(f"{directory / LATEST}: {problem}, and no checkpoint is on disk: starting fresh")
+        return None
+    if named is None:
+        problem = problem or f"{LATEST} is missing"
+    for folder in candidates:  # newest first: a verified folder is complete even if the kill came before naming it
+        if named is not None and folder.name == named["tag"] and not (folder / MANIFEST).exists():
+            # named by latest.json, so complete, but saved by a version that wrote no manifests
+            write_manifest(folder, Position(**named))
+            log.warning(f"checkpoint {folder} has no manifest (an earlier version saved it): trusted, manifest "
+                        "written")
+            return named
+        reason = verify(folder)
+        if reason is None:
+            position = json.loads((folder / MANIFEST).read_text())["position"]
+            if named is None or position["tag"] != named["tag"]:
+                log.warning(f"resuming from {folder} ({problem or 'the newest verified checkpoint'})")
+                atomic_write_json(directory / LATEST, position)
+            return position
+        damaged = folder.with_name(folder.name + ".damaged")
+        shutil.rmtree(damaged, ignore_errors=True)
+        folder.rename(damaged)
+        problem = f"{folder.name} is damaged: {reason}; set aside as {damaged.name}"
+        log.warning(f"checkpoint {folder}: {reason}; set aside as {damaged}")
+    return (f"{directory}: no checkpoint verifies against its manifest ({problem}); remove {directory} to "
+            "restart the stage from step 0")
+
+
+def _read_latest(directory: Path) -> tuple[dict | None, str | None]:
+    try:
+        data = json.loads((directory / LATEST).read_text())
+        return {k: data[k] for k in ("phase", "step", "tag", "phase_done")}, None
+    except FileNotFoundError:
+        return None, None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None, f"{LATEST} is unreadable"
 
 
 def restore_rank_state(engine, directory: Path, tag: str, dist: Dist) -> None:
@@ -91,6 +189,6 @@ def restore_rank_state(engine, directory: Path, tag: str, dist: Dist) -> None:
 
 
 def _prune(directory: Path, keep: int) -> None:
-    tags = sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("p"))
+    tags = sorted(p for p in directory.iterdir() if p.is_dir() and TAG.match(p.name))
     for old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -91,7 +91,7 @@ class Trainer:
 
     def run(self) -> dict:
         """Train every phase not finished yet; return a summary per phase. Leaves the final weights loaded."""
-        position = checkpoint.latest(self.ckpt_dir)
+        position = checkpoint.resume_point(self.ckpt_dir, self.dist, self.ctx.log)
         metrics = MetricsLog(self.ctx.stage_dir / "metrics.jsonl", self.dist.is_main)
         metrics.truncate_after(position)
         summary, engine = {}, None

@@ -121,7 +121,7 @@ def run(ctx: StageContext) -> StageResult:
     masking, sparse = cfg.data.masking.probability, cfg.model.sparse_mlm_head
     trainer = Trainer(ctx, objective, prepare_dir, lambda n: train_flops_per_token(config, n, masking, sparse), hooks,
                       cfg=scfg)
-    position = checkpoint.latest(trainer.ckpt_dir)
+    position = checkpoint.resume_point(trainer.ckpt_dir, ctx.dist, ctx.log)
     tracker.restore(position.step if position else 0)
     summary = trainer.run()
     if not tracker.snapshots:  # stopped before the first check: draw from the gates as they are

@@ -59,39 +59,79 @@ def _digests(stage: Path) -> dict:
     return {(r["phase"], r["step"]): r["rows_digest"] for r in rows if "rows_digest" in r}
 
 
-@pytest.mark.slow
-def test_kill9_at_a_random_step_resumes_bit_identically(prepared):
-    root, base = prepared
-    straight = _variant(root, base, "straight")
-    proc = run_cli("pretrain", "--config", str(straight))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    config = _variant(root, base, "killed")
-    stage = root / "runs" / "killed" / "pretrain"
-    # anywhere in phase 0 or early phase 1, random so CI runs cover both; PIPELINE_TEST_KILL_AT=N replays a failure
-    kill_at = int(os.environ.get("PIPELINE_TEST_KILL_AT", 0)) or random.Random().randint(5, 18)
+def _kill9_after(config: Path, stage: Path, steps: int) -> None:
+    """Start a pretrain and kill -9 it once `steps` steps are logged."""
     runner = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain", "--config", str(config)], cwd=REPO,
                               env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and runner.poll() is None:
-        if (stage / "metrics.jsonl").exists() and len(_digests(stage)) >= kill_at:
+        if (stage / "metrics.jsonl").exists() and len(_digests(stage)) >= steps:
             break
         time.sleep(0.02)
     runner.send_signal(signal.SIGKILL)
     runner.wait()
     assert json.loads((stage / "stage.json").read_text())["status"] == "running"
-    resumed = run_cli("pretrain", "--config", str(config))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def _same_as_straight(root: Path, stage: Path, note: str) -> None:
     a = load_file(root / "runs/straight/pretrain/export/model.safetensors")
     b = load_file(stage / "export/model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"weights differ (killed at {kill_at})"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"weights differ ({note})"
     assert _digests(stage) == _digests(root / "runs/straight/pretrain")  # no sample skipped or repeated
+
+
+@pytest.fixture(scope="module")
+def straight(prepared) -> Path:
+    root, base = prepared
+    config = _variant(root, base, "straight")
+    proc = run_cli("pretrain", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "runs" / "straight" / "pretrain"
+
+
+@pytest.mark.slow
+def test_kill9_at_a_random_step_resumes_bit_identically(prepared, straight):
+    root, base = prepared
+    config = _variant(root, base, "killed")
+    stage = root / "runs" / "killed" / "pretrain"
+    # anywhere in phase 0 or early phase 1, random so CI runs cover both; PIPELINE_TEST_KILL_AT=N replays a failure
+    kill_at = int(os.environ.get("PIPELINE_TEST_KILL_AT", 0)) or random.Random().randint(5, 18)
+    _kill9_after(config, stage, kill_at)
+    resumed = run_cli("pretrain", "--config", str(config))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_as_straight(root, stage, f"killed at {kill_at}")
     record = json.loads((stage / "stage.json").read_text())
     assert record["status"] == "complete"
     assert record["metrics"]["phase0_final_eval_loss"] < record["metrics"]["phase0_initial_eval_loss"]
-    straight_record = json.loads((root / "runs/straight/pretrain/stage.json").read_text())
+    straight_record = json.loads((straight / "stage.json").read_text())
     loss_keys = {k for k in straight_record["metrics"] if "eval_loss" in k}
     assert loss_keys and {k: record["metrics"].get(k) for k in loss_keys} == \
         {k: straight_record["metrics"][k] for k in loss_keys}, f"summary differs (killed at {kill_at})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["truncated newest checkpoint", "latest.json deleted"])
+def test_a_damaged_checkpoint_or_lost_latest_json_resumes_bit_identically(prepared, straight, fault):
+    root, base = prepared
+    name = "damaged" if fault.startswith("truncated") else "nolatest"
+    config = _variant(root, base, name)
+    stage = root / "runs" / name / "pretrain"
+    _kill9_after(config, stage, 10)  # checkpoints at steps 4 and 8 of phase 0
+    ckpt = stage / "checkpoints"
+    newest = json.loads((ckpt / "latest.json").read_text())["tag"]
+    if name == "damaged":
+        biggest = max((f for f in (ckpt / newest).rglob("*.pt")), key=lambda f: f.stat().st_size)
+        biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    else:
+        (ckpt / "latest.json").unlink()
+    resumed = run_cli("pretrain", "--config", str(config))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_as_straight(root, stage, fault)
+    if name == "damaged":
+        assert f"checkpoint {ckpt / newest}" in resumed.stderr + resumed.stdout
+        assert (ckpt / f"{newest}.damaged").is_dir()
+    else:
+        assert "latest.json is missing" in resumed.stderr + resumed.stdout
 
 
 @pytest.mark.slow
