@@ -16,7 +16,9 @@ for item in "$@"; do args+=(--set "$item"); done
 if [ -z "$hostfile" ]; then
     exec "$venv/bin/python" -m pipeline "${args[@]}"
 fi
-hosts=$(grep -v '^\s*#' "$hostfile" | awk 'NF {print $1}' | sort -u)
+# a bad hostfile is one line and exit 2 here, before any launcher reads it
+listed=$("$venv/bin/python" -m pipeline hostfile "$hostfile") || exit $?
+hosts=$(echo "$listed" | awk '{print $1}')
 if [ "$hosts" = "localhost" ] || [ "$hosts" = "127.0.0.1" ]; then
     port=${MASTER_PORT:-$((29500 + RANDOM % 1000))}
     exec "$venv/bin/deepspeed" --hostfile "$hostfile" --no_ssh_check --master_addr 127.0.0.1 \

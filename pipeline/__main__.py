@@ -2,7 +2,8 @@
 
 Commands: the stages (prepare, pretrain, search, prune, retrain, finetune), `run-all` (every
 available stage in order, each skipped when up to date), `env` (what each rank of this
-launch sees, checked over a real process group) and `plan` (days and cost on a cluster).
+launch sees, checked over a real process group), `plan` (days and cost on a cluster) and
+`hostfile` (check a hostfile before a launch uses it).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="override a run config value (repeatable)")
     plan.add_argument("--json", default=None, help="also write the plan here (and a PNG beside it)")
     plan.add_argument("--budget-days", type=float, default=None, help="rank the options that fit this many days")
+    hostfile = commands.add_parser("hostfile", parents=[common], help="check a hostfile; print its hosts and slots")
+    hostfile.add_argument("path", help="hostfile (one 'HOSTNAME slots=N' line per node)")
     env = commands.add_parser("env", parents=[common], help="show and check the launch environment")
     env.add_argument("--json", default=None, help="also write what every rank saw to this file")
     return parser.parse_args(argv)
@@ -49,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.envcheck import run_env_check
 
             return run_env_check(args.json)
+        if args.command == "hostfile":
+            from pipeline.hostfile import read_hostfile
+
+            print("\n".join(f"{host} {slots}" for host, slots in read_hostfile(args.path)))
+            return 0
         if args.command == "plan":
             from pipeline.plan.command import run_plan
 
