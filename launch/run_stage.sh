@@ -2,6 +2,8 @@
 # run_stage.sh COMMAND CONFIG [HOSTFILE] [--set a.b=c ...]
 # Without a hostfile: one process. With one: the deepspeed launcher, one rank per slot.
 # A hostfile that names only this machine needs no ssh, and rendezvous stays on 127.0.0.1.
+# The launcher runs under launch/supervise.py: a stop signal sent to this command reaches every
+# rank (they save and exit 75), and no process outlives it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command=$1; config=$2; hostfile=${3:-}; shift 3 || shift $#
@@ -21,7 +23,7 @@ listed=$("$venv/bin/python" -m pipeline hostfile "$hostfile") || exit $?
 hosts=$(echo "$listed" | awk '{print $1}')
 if [ "$hosts" = "localhost" ] || [ "$hosts" = "127.0.0.1" ]; then
     port=${MASTER_PORT:-$((29500 + RANDOM % 1000))}
-    exec "$venv/bin/deepspeed" --hostfile "$hostfile" --no_ssh_check --master_addr 127.0.0.1 \
-        --master_port "$port" --module pipeline "${args[@]}"
+    exec "$venv/bin/python" launch/supervise.py "$venv/bin/deepspeed" --hostfile "$hostfile" --no_ssh_check \
+        --master_addr 127.0.0.1 --master_port "$port" --module pipeline "${args[@]}"
 fi
-exec "$venv/bin/deepspeed" --hostfile "$hostfile" --module pipeline "${args[@]}"
+exec "$venv/bin/python" launch/supervise.py "$venv/bin/deepspeed" --hostfile "$hostfile" --module pipeline "${args[@]}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Stopped
 from pipeline.stages import ORDER
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_command(args.command, args.config, args.overrides, args.force)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{'stopped' if isinstance(exc, Stopped) else 'error'}: {exc}", file=sys.stderr)
         return exc.exit_code
 
 

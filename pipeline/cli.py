@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from rich.table import Table
 
@@ -11,10 +12,12 @@ from pipeline.console import print_table, setup_logging
 from pipeline.dist import Dist, detect
 from pipeline.runner import run_stage
 from pipeline.stages import ORDER, stage_specs
+from pipeline.stopping import StopRequests
 
 
 def run_command(command: str, config_path: str, overrides: list[str], force: bool) -> int:
     cfg = load_config(config_path, overrides)
+    stop = StopRequests(cfg.run.stop_signals, cfg.run.deadline_at(time.time()))  # before any work starts
     dist = Dist(detect(os.environ), cfg.distributed.timeout_minutes, cfg.distributed.backend)
     log = setup_logging(dist.rank)
     specs = stage_specs()
@@ -23,7 +26,7 @@ def run_command(command: str, config_path: str, overrides: list[str], force: boo
         names.remove("finetune")  # nothing to fine-tune on: the run ends with its pretrained models
     log.info(f"run {cfg.run.name} in {cfg.run.root / cfg.run.name}: {', '.join(names)} "
              f"({dist.world_size} rank{'s' if dist.world_size > 1 else ''}, {dist.env.launcher} launch)")
-    records = [run_stage(name, cfg, dist, force=force) for name in names]
+    records = [run_stage(name, cfg, dist, force=force, stop=stop) for name in names]
     if command == "run-all":
         table = Table(title=f"run {cfg.run.name}")
         for column in ("stage", "status", "finished", "summary"):

@@ -9,14 +9,16 @@ the finetune section never invalidates a finished prepare stage.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -29,10 +31,40 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+StopSignal = Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"]
+
+
 class RunSection(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     root: Path = Path("runs")  # shared storage every node sees
     seed: int = 1234
+    # training stages finish the step, save and exit with code 75 on these; the same command resumes
+    stop_signals: list[StopSignal] = ["SIGTERM", "SIGUSR1", "SIGINT"]
+    deadline: str | None = None  # "90m" / "12h" from the command's start, or a local ISO time
+    deadline_margin_minutes: Annotated[float, Field(ge=0.0)] = 5.0  # stop this long before it (a step + a save)
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value: str | None) -> str | None:
+        if value is not None:
+            _deadline_seconds(value, 0.0)
+        return value
+
+    def deadline_at(self, started: float) -> float | None:
+        """Epoch seconds at which training stops for the deadline (the margin taken off), or None."""
+        if self.deadline is None:
+            return None
+        return _deadline_seconds(self.deadline, started) - 60 * self.deadline_margin_minutes
+
+
+def _deadline_seconds(value: str, started: float) -> float:
+    match = re.match(r"^(\d+(?:\.\d+)?)([smh])$", value.strip())
+    if match:
+        return started + float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise ValueError(f"'{value}' is neither a duration (90m, 12h) nor an ISO time (2026-12-03T06:00)") from None
 
 
 class SourceConfig(Section):

@@ -17,3 +17,9 @@ class ConfigError(PipelineError):
 
 class StageInputError(PipelineError):
     """A stage's input (another stage's output, or an external file) is missing or incomplete."""
+
+
+class Stopped(PipelineError):
+    """Stopped on request (a signal or the deadline) after saving; the same command resumes."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again, e.g. `scontrol requeue`

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-Status = Literal["running", "complete", "failed"]
+Status = Literal["running", "complete", "failed", "stopped"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.console import get_logger
 from pipeline.dist import Dist
-from pipeline.errors import PipelineError, StageInputError
+from pipeline.errors import PipelineError, StageInputError, Stopped
 from pipeline.rundir import RunDir, StageRecord, atomic_write_text, host_name, now_iso
 from pipeline.stages import StageSpec, stage_specs
 
@@ -34,6 +34,7 @@ class StageContext:
     run_dir: RunDir
     dist: Dist
     inputs: dict[str, StageRecord]  # upstream stage name -> its complete record
+    stop: Any = None  # pipeline.stopping.StopRequests: training loops ask it once per step
 
     @property
     def stage_dir(self) -> Path:
@@ -53,7 +54,7 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def run_stage(name: str, cfg: RunConfig, dist: Dist, force: bool = False) -> StageRecord:
+def run_stage(name: str, cfg: RunConfig, dist: Dist, force: bool = False, stop: Any = None) -> StageRecord:
     spec = stage_specs()[name]
     run_dir = RunDir(cfg.run.root, cfg.run.name)
     log = get_logger(name)
@@ -79,9 +80,13 @@ def run_stage(name: str, cfg: RunConfig, dist: Dist, force: bool = False) -> Sta
         atomic_write_text(run_dir.stage_dir(name) / "config.yaml", cfg.to_yaml())
         run_dir.write_record(_record(name, "running", config_hash, input_hashes, started, dist))
     dist.barrier()
-    ctx = StageContext(cfg, spec, run_dir, dist, inputs)
+    ctx = StageContext(cfg, spec, run_dir, dist, inputs, stop)
     try:
         result = module.run(ctx)
+    except Stopped as exc:  # saved where the stage can resume from; not a failure
+        if dist.is_main:
+            run_dir.write_record(_record(name, "stopped", config_hash, input_hashes, started, dist, error=str(exc)))
+        raise
     except BaseException as exc:
         if dist.is_main:
             run_dir.write_record(_record(name, "failed", config_hash, input_hashes, started, dist,

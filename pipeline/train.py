@@ -23,7 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.console import progress
 from pipeline.data.loader import PretrainLoader, ShardSet
 from pipeline.engine import BatchPlan, Engine, ds_config, save_ds_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Stopped
 from pipeline.metrics import MetricsLog, StepStats
 from pipeline.optim.build import build_optimizer
 from pipeline.optim.schedule import warmup_poly
@@ -91,6 +91,16 @@ class Trainer:
 
     def run(self) -> dict:
         """Train every phase not finished yet; return a summary per phase. Leaves the final weights loaded."""
+        stop = self.ctx.stop
+        if stop is None:
+            return self._run()
+        stop.listening = True  # a signal now waits for the step boundary
+        try:
+            return self._run()
+        finally:
+            stop.listening = False
+
+    def _run(self) -> dict:
         position = checkpoint.resume_point(self.ckpt_dir, self.dist, self.ctx.log)
         metrics = MetricsLog(self.ctx.stage_dir / "metrics.jsonl", self.dist.is_main)
         metrics.truncate_after(position)
@@ -170,8 +180,22 @@ class Trainer:
                 if "eval_loss" in record or state.step % self.cfg.pretrain.checkpoint_every == 0:
                     stats.restart_clock()
                 bar.update(task, completed=state.step)
+                self._stop_if_asked(engine, loader, plan, state, last)
         loader.close()
         return engine, self._phase_summary(plan, state)
+
+    def _stop_if_asked(self, engine: Engine, loader: PretrainLoader, plan: PhasePlan, state: PhaseState,
+                       last: bool) -> None:
+        """All ranks agree on a stop (signal or deadline) after this step: save it, then leave."""
+        stop = self.ctx.stop
+        reason = stop.agreed(self.dist.world_size) if stop is not None else None
+        if reason is None:
+            return
+        if state.step % self.cfg.pretrain.checkpoint_every and not last:  # else just saved
+            self._save(engine, loader, plan, state, phase_done=False)
+        loader.close()
+        raise Stopped(f"{reason}: saved phase {plan.index} step {state.step} "
+                      f"({checkpoint.tag_for(plan.index, state.step)}); run the same command to resume")
 
     def _phase_summary(self, plan: PhasePlan, state: PhaseState) -> dict:
         return {"steps": state.step, "tokens": state.tokens, "flops": self.flops_per_token(plan.seq_len) * state.tokens,

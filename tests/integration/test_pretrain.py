@@ -189,3 +189,95 @@ def test_two_ranks_through_the_deepspeed_launcher(prepared):
     effective = json.loads((stage / "ds_config.phase0.json").read_text())
     assert effective["train_batch_size"] == 16 and effective["gradient_accumulation_steps"] == 2
     assert any("eval_loss" in json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines())
+
+
+def _start_stage(config: Path, hostfile: str = "", **env: str) -> subprocess.Popen:
+    return subprocess.Popen(["bash", "launch/run_stage.sh", "pretrain", str(config), hostfile], cwd=REPO,
+                            env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc: subprocess.Popen, stage: Path, steps: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (stage / "metrics.jsonl").exists() and len(_digests(stage)) >= steps:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended or stalled before {steps} steps")
+
+
+def _left_running(config: Path) -> list[str]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if str(config) in argv:
+            found.append(" ".join(argv))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_saves_the_step_and_the_same_command_resumes_bit_identically(prepared, straight, sig):
+    root, base = prepared
+    name = f"signal-{sig.name.lower()}"
+    config = _variant(root, base, name, pretrain={"checkpoint_every": 100})  # nothing saved but what the stop saves
+    stage = root / "runs" / name / "pretrain"
+    proc = _start_stage(config)
+    _wait_for_steps(proc, stage, 6)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"stopped: {sig.name}: saved phase 0 step"), err[-2000:]
+    record = json.loads((stage / "stage.json").read_text())
+    assert record["status"] == "stopped" and sig.name in record["error"]
+    saved = json.loads((stage / "checkpoints" / "latest.json").read_text())
+    assert saved["step"] >= 6 and not _left_running(config)
+    resumed = run_cli("pretrain", "--config", str(config))  # the same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed phase 0 at step {saved['step']}" in resumed.stderr + resumed.stdout
+    _same_as_straight(root, stage, f"{sig.name} at step {saved['step']}")
+
+
+@pytest.mark.slow
+def test_the_deadline_saves_and_stops_before_it(prepared, straight):
+    root, base = prepared
+    config = _variant(root, base, "deadline", run={"deadline": "1s", "deadline_margin_minutes": 0.0},
+                      pretrain={"checkpoint_every": 100})
+    stage = root / "runs" / "deadline" / "pretrain"
+    stopped = run_cli("pretrain", "--config", str(config))
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert "stopped: the deadline: saved phase" in stopped.stderr
+    assert json.loads((stage / "stage.json").read_text())["status"] == "stopped"
+    resumed = run_cli("pretrain", "--config", str(config), "--set", "run.deadline=null")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_as_straight(root, stage, "deadline")
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_rank_launch_reaches_every_rank_and_leaves_no_process(prepared):
+    root, base = prepared
+    phases = {"phases": [{"seq_len": 64, "steps": 14, "global_batch_size": 16, "micro_batch_size": 8}],
+              "checkpoint_every": 100, "eval_every": 7}
+    reference = _variant(root, base, "two-straight", pretrain=phases)
+    done = _start_stage(reference, "hostfiles/localhost")
+    _, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err[-3000:]
+    config = _variant(root, base, "two-stopped", pretrain=phases)
+    stage = root / "runs" / "two-stopped" / "pretrain"
+    proc = _start_stage(config, "hostfiles/localhost")
+    _wait_for_steps(proc, stage, 4)
+    proc.send_signal(signal.SIGTERM)  # to the command the user started: the supervisor in front of deepspeed
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    time.sleep(1)
+    assert not _left_running(config), _left_running(config)
+    record = json.loads((stage / "stage.json").read_text())
+    assert record["status"] == "stopped" and "SIGTERM" in record["error"]
+    resumed = _start_stage(config, "hostfiles/localhost")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    a = load_file(root / "runs/two-straight/pretrain/export/model.safetensors")
+    b = load_file(stage / "export/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "2-rank resume differs from the uninterrupted 2-rank run"
+    assert _digests(stage) == _digests(root / "runs/two-straight/pretrain")
