@@ -23,6 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.console import get_logger
 from pipeline.dist import Dist
 from pipeline.errors import PipelineError, StageInputError, Stopped
+from pipeline.lock import StageLock
 from pipeline.rundir import RunDir, StageRecord, atomic_write_text, host_name, now_iso
 from pipeline.stages import StageSpec, stage_specs
 
@@ -72,6 +73,26 @@ def run_stage(name: str, cfg: RunConfig, dist: Dist, force: bool = False, stop: 
         log.info(f"[bold]{name}[/]: up to date in {run_dir.stage_dir(name)}, skipped (--force reruns it)",
                  extra={"markup": True})
         return previous
+    lock = StageLock(run_dir.stage_dir(name).with_name(f".{name}.lock"), host_name(), log)
+    refused = None
+    if dist.is_main:
+        try:
+            lock.acquire()
+        except StageInputError as exc:
+            refused = str(exc)
+    refused = dist.broadcast_object(refused)  # every rank stops, or none does
+    if refused:
+        raise StageInputError(refused)
+    try:
+        return _run_locked(name, spec, module, cfg, dist, run_dir, inputs, input_hashes, config_hash, previous,
+                           force, stop, log)
+    finally:
+        if dist.is_main:
+            lock.release()
+
+
+def _run_locked(name, spec, module, cfg, dist, run_dir, inputs, input_hashes, config_hash, previous, force, stop,
+                log) -> StageRecord:
     dist.barrier()  # every rank has read the old record before rank 0 replaces it
     started = now_iso()
     if dist.is_main:
