@@ -22,8 +22,9 @@ from pipeline import checkpoint
 from pipeline.config import RunConfig
 from pipeline.console import progress
 from pipeline.data.loader import PretrainLoader, ShardSet
+from pipeline.data.verify import verify_shards
 from pipeline.engine import BatchPlan, Engine, ds_config, save_ds_config
-from pipeline.errors import ConfigError, Stopped
+from pipeline.errors import ConfigError, StageInputError, Stopped
 from pipeline.metrics import MetricsLog, StepStats
 from pipeline.optim.build import build_optimizer
 from pipeline.optim.schedule import warmup_poly
@@ -101,6 +102,7 @@ class Trainer:
             stop.listening = False
 
     def _run(self) -> dict:
+        self._verify_data()
         position = checkpoint.resume_point(self.ckpt_dir, self.dist, self.ctx.log)
         metrics = MetricsLog(self.ctx.stage_dir / "metrics.jsonl", self.dist.is_main)
         metrics.truncate_after(position)
@@ -116,6 +118,18 @@ class Trainer:
             engine.load(self.ckpt_dir, position.tag, module_only=True)
         self.engine = engine
         return summary
+
+    def _verify_data(self) -> None:
+        """Rank 0 checks the shards this run reads against the manifest; every rank stops if one is bad."""
+        problem = None
+        if self.dist.is_main:
+            try:
+                verify_shards(self.prepare_dir, sorted({p.seq_len for p in self.plans}), self.ctx.log)
+            except StageInputError as exc:
+                problem = str(exc)
+        problem = self.dist.broadcast_object(problem)
+        if problem:
+            raise StageInputError(problem)
 
     def _engine(self, plan: PhasePlan) -> Engine:
         optimizer = build_optimizer(self.cfg.optimizer.model_copy(update={"freeze_step": plan.freeze_step}),
@@ -133,14 +147,16 @@ class Trainer:
         seed, masking = self.cfg.run.seed, self.cfg.data.masking
         train = PretrainLoader(ShardSet(self.prepare_dir, plan.seq_len, "train"), plan.batch.micro_batch, masking,
                                seed + 7919 * plan.index, self.dist.rank, self.dist.world_size)
-        try:
-            valid_set = ShardSet(self.prepare_dir, plan.seq_len, "valid")
-            valid = PretrainLoader(valid_set, plan.batch.micro_batch, masking, seed, self.dist.rank,
-                                   self.dist.world_size, shuffle=False)
-            n = min(self.cfg.pretrain.eval_batches, valid.batches_per_epoch)
-            return train, [valid.make_batch(0, i) for i in range(n)]
-        except Exception:  # noqa: BLE001 - no validation rows (fraction 0 or a tiny corpus): train without eval
+        if self.cfg.data.validation_fraction == 0:  # evaluation explicitly off
             return train, []
+        try:  # a missing, damaged or too small validation split is an error, not a run without evaluation
+            valid = PretrainLoader(ShardSet(self.prepare_dir, plan.seq_len, "valid"), plan.batch.micro_batch,
+                                   masking, seed, self.dist.rank, self.dist.world_size, shuffle=False)
+        except StageInputError as exc:
+            raise StageInputError(f"validation split: {exc} (data.validation_fraction: 0 trains without "
+                                  "evaluation)") from None
+        n = min(self.cfg.pretrain.eval_batches, valid.batches_per_epoch)
+        return train, [valid.make_batch(0, i) for i in range(n)]
 
     def _run_phase(self, plan: PhasePlan, position, metrics: MetricsLog) -> tuple[Engine, dict]:
         engine = self.engine = self._engine(plan)  # hooks may read it (e.g. gates' fp32 masters)

@@ -82,6 +82,9 @@ class ShardSet:
         for s in np.unique(shard):
             where = np.nonzero(shard == s)[0]
             tokens[where] = self._tokens[s][local[where]]
+            if tokens[where].max() >= self.info.vocab_size:  # cheap, and an embedding lookup would only say IndexError
+                raise StageInputError(f"{self._tokens[s].filename}: token id {int(tokens[where].max())} is not "
+                                      f"below the vocabulary size {self.info.vocab_size}")
             if pairs is not None:
                 pairs[where] = self._pairs[s][local[where]]
         return tokens, pairs

@@ -281,3 +281,26 @@ def test_sigterm_to_a_two_rank_launch_reaches_every_rank_and_leaves_no_process(p
     b = load_file(stage / "export/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "2-rank resume differs from the uninterrupted 2-rank run"
     assert _digests(stage) == _digests(root / "runs/two-straight/pretrain")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["random bytes in a train shard", "truncated validation shard"])
+def test_damaged_shards_stop_the_run_before_training_with_one_line(prepared, damage):
+    root, base = prepared
+    name = "bad-train" if damage.startswith("random") else "bad-valid"
+    config = _variant(root, base, name)
+    split = "train" if name == "bad-train" else "valid"
+    shard = sorted((root / "runs" / name / "prepare" / "shards" / "L64" / split).glob("*.bin"))[0]
+    data = bytearray(shard.read_bytes())
+    if split == "train":
+        data[100:164] = random.Random(0).randbytes(64)  # same size: only the checksum can tell
+        shard.write_bytes(bytes(data))
+    else:
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+    proc = run_cli("pretrain", "--config", str(config))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(shard) in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    record = json.loads((root / "runs" / name / "pretrain" / "stage.json").read_text())
+    assert record["status"] == "failed" and str(shard) in record["error"]
+    assert not (root / "runs" / name / "pretrain" / "checkpoints" / "latest.json").exists()
