@@ -10,6 +10,9 @@ class PipelineError(Exception):
 
     exit_code = 2
 
+    def __str__(self) -> str:  # one line whatever the message quotes (a value with a newline in it)
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
+
 
 class ConfigError(PipelineError):
     """The run config cannot be read or does not validate."""
