@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -185,3 +186,18 @@ class Dist:
     def shutdown(self) -> None:
         if tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Socket Timeout|Timed out|timed out|"
+                       r"communicator was aborted|watchdog", re.IGNORECASE)
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """What a backend error says about a rank that went away, in one line; None for other errors."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not PEER_GONE.search(text):  # DistBackendError is a RuntimeError
+        return None
+    peer = re.search(r"\[([0-9A-Za-z.:-]+)\]:(\d+)", text)
+    where = f" (peer {peer[1]}:{peer[2]})" if peer else ""
+    first = PEER_GONE.search(text)[0]
+    return f"lost a rank: {first.lower()}{where}"

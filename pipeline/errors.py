@@ -26,3 +26,10 @@ class Stopped(PipelineError):
     """Stopped on request (a signal or the deadline) after saving; the same command resumes."""
 
     exit_code = 75  # EX_TEMPFAIL: try again, e.g. `scontrol requeue`
+
+
+class RankLost(PipelineError):
+    """A collective failed because another rank went away (its process or node died, or hung past the
+    timeout); the survivors stop with one line instead of the backend's traceback."""
+
+    exit_code = 3

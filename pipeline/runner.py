@@ -21,8 +21,8 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.console import get_logger
-from pipeline.dist import Dist
-from pipeline.errors import PipelineError, StageInputError, Stopped
+from pipeline.dist import Dist, lost_peer
+from pipeline.errors import PipelineError, RankLost, StageInputError, Stopped
 from pipeline.lock import StageLock
 from pipeline.rundir import RunDir, StageRecord, atomic_write_text, host_name, now_iso
 from pipeline.stages import StageSpec, stage_specs
@@ -104,21 +104,26 @@ def _run_locked(name, spec, module, cfg, dist, run_dir, inputs, input_hashes, co
     ctx = StageContext(cfg, spec, run_dir, dist, inputs, stop)
     try:
         result = module.run(ctx)
+        dist.barrier()  # outputs of every rank are on disk
+        if dist.is_main:
+            record = _record(name, "complete", config_hash, input_hashes, started, dist,
+                             outputs=run_dir.describe_output(name, result.outputs), metrics=result.metrics)
+            run_dir.write_record(record)
+        dist.barrier()  # nobody moves on (run-all) before the record exists
     except Stopped as exc:  # saved where the stage can resume from; not a failure
         if dist.is_main:
             run_dir.write_record(_record(name, "stopped", config_hash, input_hashes, started, dist, error=str(exc)))
         raise
     except BaseException as exc:
+        lost = lost_peer(exc)
+        if lost:  # rank 0 may be the one that died: every survivor records it (the same line, atomically)
+            message = f"stage {name}, rank {dist.rank} on {host_name()}: {lost}"
+            run_dir.write_record(_record(name, "failed", config_hash, input_hashes, started, dist, error=message))
+            raise RankLost(message) from None
         if dist.is_main:
             run_dir.write_record(_record(name, "failed", config_hash, input_hashes, started, dist,
                                          error=f"{type(exc).__name__}: {exc}"))
         raise
-    dist.barrier()  # outputs of every rank are on disk
-    if dist.is_main:
-        record = _record(name, "complete", config_hash, input_hashes, started, dist,
-                         outputs=run_dir.describe_output(name, result.outputs), metrics=result.metrics)
-        run_dir.write_record(record)
-    dist.barrier()  # nobody moves on (run-all) before the record exists
     return run_dir.read_record(name)
 
 

@@ -304,3 +304,31 @@ def test_damaged_shards_stop_the_run_before_training_with_one_line(prepared, dam
     record = json.loads((root / "runs" / name / "pretrain" / "stage.json").read_text())
     assert record["status"] == "failed" and str(shard) in record["error"]
     assert not (root / "runs" / name / "pretrain" / "checkpoints" / "latest.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_dead_rank_stops_the_survivor_with_one_line_and_a_failed_record(prepared, victim):
+    import psutil
+
+    root, base = prepared
+    name = f"dead-rank{victim}"
+    config = _variant(root, base, name, pretrain={
+        "phases": [{"seq_len": 64, "steps": 200, "global_batch_size": 16, "micro_batch_size": 8}]})
+    stage = root / "runs" / name / "pretrain"
+    proc = _start_stage(config, "hostfiles/localhost")
+    _wait_for_steps(proc, stage, 4)
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if str(config) in (p.info["cmdline"] or [])
+             and f"--local_rank={victim}" in (p.info["cmdline"] or [])]
+    assert len(ranks) == 1, ranks
+    ranks[0].kill()
+    started = time.time()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and time.time() - started < 60, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stage pretrain" in errors[0] and "lost a rank" in errors[0], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    record = json.loads((stage / "stage.json").read_text())
+    assert record["status"] == "failed" and "lost a rank" in record["error"], record
+    time.sleep(1)
+    assert not _left_running(config)
