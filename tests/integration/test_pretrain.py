@@ -110,7 +110,7 @@ def test_kill9_at_a_random_step_resumes_bit_identically(prepared, straight):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["truncated newest checkpoint", "latest.json deleted"])
+@pytest.mark.parametrize("fault", ["truncated newest checkpoint"])  # latest.json lost: test_checkpoint_integrity
 def test_a_damaged_checkpoint_or_lost_latest_json_resumes_bit_identically(prepared, straight, fault):
     root, base = prepared
     name = "damaged" if fault.startswith("truncated") else "nolatest"
@@ -217,7 +217,7 @@ def _left_running(config: Path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1])  # Slurm's early warning; SIGTERM: the two-rank test
 def test_a_stop_signal_saves_the_step_and_the_same_command_resumes_bit_identically(prepared, straight, sig):
     root, base = prepared
     name = f"signal-{sig.name.lower()}"
@@ -249,16 +249,15 @@ def test_the_deadline_saves_and_stops_before_it(prepared, straight):
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     assert "stopped: the deadline: saved phase" in stopped.stderr
     assert json.loads((stage / "stage.json").read_text())["status"] == "stopped"
-    resumed = run_cli("pretrain", "--config", str(config), "--set", "run.deadline=null")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _same_as_straight(root, stage, "deadline")
+    saved = json.loads((stage / "checkpoints" / "latest.json").read_text())
+    assert saved["phase"] == 0 and saved["step"] >= 1  # resuming from it: the signal test
 
 
 @pytest.mark.slow
 def test_sigterm_to_a_two_rank_launch_reaches_every_rank_and_leaves_no_process(prepared):
     root, base = prepared
-    phases = {"phases": [{"seq_len": 64, "steps": 14, "global_batch_size": 16, "micro_batch_size": 8}],
-              "checkpoint_every": 100, "eval_every": 7}
+    phases = {"phases": [{"seq_len": 64, "steps": 10, "global_batch_size": 16, "micro_batch_size": 8}],
+              "checkpoint_every": 100, "eval_every": 5}
     reference = _variant(root, base, "two-straight", pretrain=phases)
     done = _start_stage(reference, "hostfiles/localhost")
     _, err = done.communicate(timeout=600)

@@ -96,3 +96,27 @@ def test_no_checkpoints_at_all_is_a_fresh_start(tmp_path, dist):
     assert resume_point(tmp_path / "checkpoints", dist, LOG) is None
     (tmp_path / "checkpoints").mkdir()
     assert resume_point(tmp_path / "checkpoints", dist, LOG) is None
+
+
+def test_a_stop_signal_waits_for_the_step_inside_training_and_stops_at_once_outside():
+    import os
+    import signal
+
+    from pipeline.errors import Stopped
+    from pipeline.stopping import StopRequests
+
+    stop = StopRequests(["SIGUSR1", "SIGTERM"], deadline=None)
+    try:
+        stop.listening = True
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.agreed(world_size=1) == "SIGUSR1"  # the flag, acted on at the step boundary
+        stop.listening, stop.received = False, None
+        with pytest.raises(Stopped, match="SIGTERM received outside a training step"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        passed = StopRequests([], deadline=0.0)
+        assert passed.agreed(world_size=1) == "the deadline"
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
