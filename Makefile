@@ -16,7 +16,7 @@ STAMP      := $(VENV)/.installed
 
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup data demo test bench lint prepare pretrain search prune retrain finetune run-all env plan clean-runs
+.PHONY: setup data demo test test-long bench lint prepare pretrain search prune retrain finetune run-all env plan clean-runs
 
 setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
@@ -46,6 +46,9 @@ demo: data
 	bash launch/run_stage.sh run-all configs/demo.yaml hostfiles/localhost
 
 test: data
+	$(PY) -m pytest -q -m "not long" tests
+
+test-long: data
 	$(PY) -m pytest -q tests
 
 bench: data

@@ -19,6 +19,7 @@ removed. The oldest ones beyond `keep` are deleted after a new one is named.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import re
@@ -85,14 +86,41 @@ def set_rng_state(state: dict) -> None:
 
 def save(engine, directory: Path, position: Position, client_state: dict, dist: Dist, keep: int) -> None:
     directory = Path(directory)
-    engine.save(directory, position.tag, client_state)
-    torch.save({"rng": rng_state(), "optimizer": engine.rank_state()}, directory / position.tag / f"rank{dist.rank}.pt")
+    try:
+        engine.save(directory, position.tag, client_state)
+        torch.save({"rng": rng_state(), "optimizer": engine.rank_state()},
+                   directory / position.tag / f"rank{dist.rank}.pt")
+    except (OSError, RuntimeError) as exc:
+        full = _disk_full(exc, directory)
+        if full is None:
+            raise
+        shutil.rmtree(directory / position.tag, ignore_errors=True)  # room for the stage record; never named
+        raise StageInputError(full) from None
     dist.barrier()  # every rank's files are written before the checkpoint is described and named
     if dist.is_main:
         write_manifest(directory / position.tag, position)
         atomic_write_json(directory / LATEST, position.__dict__)
         _prune(directory, keep)
     dist.barrier()
+
+
+def _disk_full(exc: BaseException, directory: Path) -> str | None:
+    """The one line for a save that ran out of space, or None if `exc` is something else."""
+    free = shutil.disk_usage(directory).free
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    no_space = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain)
+    # torch's zip writer reports a full disk without the errno ("file write failed", "unexpected pos")
+    if not (no_space or (isinstance(exc, RuntimeError) and free < 64 << 20)):
+        return None
+    sizes = [sum(f["bytes"] for f in json.loads((p / MANIFEST).read_text())["files"].values())
+             for p in sorted(directory.iterdir()) if TAG.match(p.name) and (p / MANIFEST).is_file()]
+    need = f"about {sizes[-1] / 1e6:,.0f} MB (the previous checkpoint's size)" if sizes else "more"
+    return (f"{directory}: no space left on device while saving a checkpoint: it needs {need}, "
+            f"{free / 1e6:,.0f} MB are free; the previous checkpoint is intact: free space and run the same "
+            "command to resume")
 
 
 def write_manifest(folder: Path, position: Position) -> None:

@@ -24,7 +24,10 @@ def test_flagship_is_a_complete_recipe():
 
 def test_flagship_runs_every_stage_on_cpu_with_size_overrides(tmp_path, bbc_sample):
     tasks = REPO / ".cache" / "tasks" / "bbc"
-    task = (f"[{{name: bbc, kind: classification, train: {tasks / 'train.tsv'}, dev: {tasks / 'dev.tsv'}, "
+    rows = (tasks / "train.tsv").read_text().splitlines()
+    train = tmp_path / "bbc_train.tsv"  # a size override too: 200 of the 1,804 training articles
+    train.write_text("\n".join(rows[:1] + rows[1::9][:200]) + "\n")
+    task = (f"[{{name: bbc, kind: classification, train: {train}, dev: {tasks / 'dev.tsv'}, "
             f"text_column: text, max_seq_len: 64, epochs: 1}}]")
     sizes = [f"run.root={tmp_path}", "run.name=flagship",
              f"data.sources=[{{kind: text, paths: [{bbc_sample}], doc_split: file}}]", "data.workers=1",
