@@ -188,7 +188,7 @@ class Dist:
             tdist.destroy_process_group()
 
 
-PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|Socket Timeout|Timed out|timed out|"
+PEER_GONE = re.compile(r"connection (closed|reset) by peer|broken pipe|socket timeout|timed out|"
                        r"communicator was aborted|watchdog", re.IGNORECASE)
 
 

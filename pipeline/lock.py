@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -47,6 +48,24 @@ class StageLock:
             self._thread.start()
             return
         raise StageInputError(f"{self.path}: could not take the lock (another job keeps recreating it)")
+
+    @contextmanager
+    def held(self, dist):
+        """Rank 0 holds the lock for the block; if it cannot, every rank stops with its line."""
+        refused = None
+        if dist.is_main:
+            try:
+                self.acquire()
+            except StageInputError as exc:
+                refused = str(exc)
+        refused = dist.broadcast_object(refused)
+        if refused:
+            raise StageInputError(refused)
+        try:
+            yield self
+        finally:
+            if dist.is_main:
+                self.release()
 
     def release(self) -> None:
         self._stop.set()

@@ -73,58 +73,39 @@ def run_stage(name: str, cfg: RunConfig, dist: Dist, force: bool = False, stop: 
         log.info(f"[bold]{name}[/]: up to date in {run_dir.stage_dir(name)}, skipped (--force reruns it)",
                  extra={"markup": True})
         return previous
-    lock = StageLock(run_dir.stage_dir(name).with_name(f".{name}.lock"), host_name(), log)
-    refused = None
-    if dist.is_main:
+    with StageLock(run_dir.stage_dir(name).with_name(f".{name}.lock"), host_name(), log).held(dist):
+        dist.barrier()  # every rank has read the old record before rank 0 replaces it
+        started = now_iso()
+        if dist.is_main:
+            _prepare_stage_dir(run_dir, name, previous, config_hash, input_hashes, force, log)
+            atomic_write_text(run_dir.path / "config.yaml", cfg.to_yaml())
+            atomic_write_text(run_dir.stage_dir(name) / "config.yaml", cfg.to_yaml())
+            run_dir.write_record(_record(name, "running", config_hash, input_hashes, started, dist))
+        dist.barrier()
+        ctx = StageContext(cfg, spec, run_dir, dist, inputs, stop)
         try:
-            lock.acquire()
-        except StageInputError as exc:
-            refused = str(exc)
-    refused = dist.broadcast_object(refused)  # every rank stops, or none does
-    if refused:
-        raise StageInputError(refused)
-    try:
-        return _run_locked(name, spec, module, cfg, dist, run_dir, inputs, input_hashes, config_hash, previous,
-                           force, stop, log)
-    finally:
-        if dist.is_main:
-            lock.release()
-
-
-def _run_locked(name, spec, module, cfg, dist, run_dir, inputs, input_hashes, config_hash, previous, force, stop,
-                log) -> StageRecord:
-    dist.barrier()  # every rank has read the old record before rank 0 replaces it
-    started = now_iso()
-    if dist.is_main:
-        _prepare_stage_dir(run_dir, name, previous, config_hash, input_hashes, force, log)
-        atomic_write_text(run_dir.path / "config.yaml", cfg.to_yaml())
-        atomic_write_text(run_dir.stage_dir(name) / "config.yaml", cfg.to_yaml())
-        run_dir.write_record(_record(name, "running", config_hash, input_hashes, started, dist))
-    dist.barrier()
-    ctx = StageContext(cfg, spec, run_dir, dist, inputs, stop)
-    try:
-        result = module.run(ctx)
-        dist.barrier()  # outputs of every rank are on disk
-        if dist.is_main:
-            record = _record(name, "complete", config_hash, input_hashes, started, dist,
-                             outputs=run_dir.describe_output(name, result.outputs), metrics=result.metrics)
-            run_dir.write_record(record)
-        dist.barrier()  # nobody moves on (run-all) before the record exists
-    except Stopped as exc:  # saved where the stage can resume from; not a failure
-        if dist.is_main:
-            run_dir.write_record(_record(name, "stopped", config_hash, input_hashes, started, dist, error=str(exc)))
-        raise
-    except BaseException as exc:
-        lost = lost_peer(exc)
-        if lost:  # rank 0 may be the one that died: every survivor records it (the same line, atomically)
-            message = f"stage {name}, rank {dist.rank} on {host_name()}: {lost}"
-            run_dir.write_record(_record(name, "failed", config_hash, input_hashes, started, dist, error=message))
-            raise RankLost(message) from None
-        if dist.is_main:
-            run_dir.write_record(_record(name, "failed", config_hash, input_hashes, started, dist,
-                                         error=f"{type(exc).__name__}: {exc}"))
-        raise
-    return run_dir.read_record(name)
+            result = module.run(ctx)
+            dist.barrier()  # outputs of every rank are on disk
+            if dist.is_main:
+                record = _record(name, "complete", config_hash, input_hashes, started, dist,
+                                 outputs=run_dir.describe_output(name, result.outputs), metrics=result.metrics)
+                run_dir.write_record(record)
+            dist.barrier()  # nobody moves on (run-all) before the record exists
+        except Stopped as exc:  # saved where the stage can resume from; not a failure
+            if dist.is_main:
+                run_dir.write_record(_record(name, "stopped", config_hash, input_hashes, started, dist, error=str(exc)))
+            raise
+        except BaseException as exc:
+            lost = lost_peer(exc)
+            if lost:  # rank 0 may be the one that died: every survivor records it (the same line, atomically)
+                message = f"stage {name}, rank {dist.rank} on {host_name()}: {lost}"
+                run_dir.write_record(_record(name, "failed", config_hash, input_hashes, started, dist, error=message))
+                raise RankLost(message) from None
+            if dist.is_main:
+                run_dir.write_record(_record(name, "failed", config_hash, input_hashes, started, dist,
+                                             error=f"{type(exc).__name__}: {exc}"))
+            raise
+        return run_dir.read_record(name)
 
 
 def check_inputs(spec: StageSpec, cfg: RunConfig, run_dir: RunDir) -> dict[str, StageRecord]:
