@@ -81,10 +81,12 @@ class ShardSet:
         pairs = np.empty((len(indices), 2), dtype=np.int64) if self.has_pairs else None
         for s in np.unique(shard):
             where = np.nonzero(shard == s)[0]
-            tokens[where] = self._tokens[s][local[where]]
-            if tokens[where].max() >= self.info.vocab_size:  # cheap, and an embedding lookup would only say IndexError
-                raise StageInputError(f"{self._tokens[s].filename}: token id {int(tokens[where].max())} is not "
-                                      f"below the vocabulary size {self.info.vocab_size}")
+            rows = self._tokens[s][local[where]]
+            top = int(rows.max()) if rows.size else 0
+            if top >= self.info.vocab_size:  # cheap, and an embedding lookup would only say IndexError
+                raise StageInputError(f"{self._tokens[s].filename}: token id {top} is not below the vocabulary "
+                                      f"size {self.info.vocab_size}")
+            tokens[where] = rows
             if pairs is not None:
                 pairs[where] = self._pairs[s][local[where]]
         return tokens, pairs
