@@ -45,6 +45,10 @@ class Position:
     step: int  # optimizer steps done in this phase
     tag: str
     phase_done: bool
+    world_size: int = 0  # the ranks that saved it (0: not recorded, taken as the current number)
+
+    def resharded(self, world_size: int) -> bool:
+        return self.world_size not in (0, world_size)
 
 
 def tag_for(phase: int, step: int) -> str:
@@ -203,11 +207,37 @@ def _choose(directory: Path, log) -> dict | str | None:
 def _read_latest(directory: Path) -> tuple[dict | None, str | None]:
     try:
         data = json.loads((directory / LATEST).read_text())
-        return {k: data[k] for k in ("phase", "step", "tag", "phase_done")}, None
+        return {**{k: data[k] for k in ("phase", "step", "tag", "phase_done")},
+                "world_size": data.get("world_size", 0)}, None
     except FileNotFoundError:
         return None, None
     except (json.JSONDecodeError, KeyError, TypeError):
         return None, f"{LATEST} is unreadable"
+
+
+def universal(directory: Path, position: Position, dist: Dist, convert, log) -> tuple[Path, str]:
+    """Where to load a checkpoint saved by another number of ranks from: its ZeRO partitions re-cut per
+    parameter (DeepSpeed's universal format, converted once by rank 0 into `<tag>/universal`), or the
+    checkpoint itself where nothing is partitioned (ZeRO stage 0 in fp32 saves whole optimizer states)."""
+    folder = Path(directory) / position.tag
+    if not any(folder.glob("*optim_states.pt")):
+        return Path(directory), position.tag
+    target = folder / "universal"
+    problem = None
+    if dist.is_main and not target.is_dir():
+        log.info(f"{folder}: saved by {position.world_size} rank(s), resuming on {dist.world_size}: converting "
+                 "its ZeRO partitions to DeepSpeed's universal checkpoint")
+        staging = folder / "universal.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            convert(folder, staging)
+            staging.rename(target)  # a conversion cut short is never taken as done
+        except StageInputError as exc:
+            problem = str(exc)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise StageInputError(problem)
+    return folder, "universal"
 
 
 def restore_rank_state(engine, directory: Path, tag: str, dist: Dist) -> None:

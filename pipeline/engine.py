@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.dist import Dist
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageInputError
 from pipeline.optim.lamb import FlatLayout
 
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -229,6 +231,17 @@ class Engine:
     def log_events(self, events: list[tuple[str, float, int]]) -> None:
         if self.ds.monitor.enabled:
             self.ds.monitor.write_events(events)
+
+    @staticmethod
+    def to_universal(folder: Path, output: Path) -> None:
+        """DeepSpeed's converter, run as its own process (it starts worker pools of its own)."""
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+               "--output_folder", str(output), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise StageInputError(f"{folder}: converting to a universal checkpoint failed: {last}")
 
     def save(self, directory: Path, tag: str, client_state: dict) -> None:
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)

@@ -131,7 +131,7 @@ class Trainer:
         if problem:
             raise StageInputError(problem)
 
-    def _engine(self, plan: PhasePlan) -> Engine:
+    def _engine(self, plan: PhasePlan, universal: bool = False) -> Engine:
         optimizer = build_optimizer(self.cfg.optimizer.model_copy(update={"freeze_step": plan.freeze_step}),
                                     self.objective, plan.lr)
         schedule = self.cfg.schedule.model_copy(update={"warmup": plan.warmup})
@@ -139,6 +139,8 @@ class Trainer:
         tb = self.ctx.stage_dir / "tensorboard"
         cfg = ds_config(Path(self.ds_config_path), plan.batch, tensorboard_dir=tb, job_name=f"phase{plan.index}",
                         compressed=self.cfg.optimizer.name.startswith("onebit"))
+        if universal:  # resuming partitions saved by another number of ranks
+            cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
         if self.dist.is_main:
             save_ds_config(cfg, self.ctx.stage_dir / f"ds_config.phase{plan.index}.json")
         return Engine(self.objective, optimizer, scheduler, cfg, self.dist)
@@ -159,7 +161,8 @@ class Trainer:
         return train, [valid.make_batch(0, i) for i in range(n)]
 
     def _run_phase(self, plan: PhasePlan, position, metrics: MetricsLog) -> tuple[Engine, dict]:
-        engine = self.engine = self._engine(plan)  # hooks may read it (e.g. gates' fp32 masters)
+        resharded = bool(position and position.phase == plan.index and position.resharded(self.dist.world_size))
+        engine = self.engine = self._engine(plan, universal=resharded)  # hooks may read it (gates' masters)
         loader, eval_batches = self._loaders(plan)
         state = self._resume(engine, loader, plan, position)
         log_every, eval_every = self.cfg.pretrain.log_every, self.cfg.pretrain.eval_every
@@ -273,6 +276,8 @@ class Trainer:
         if position is None:
             torch.manual_seed(self.cfg.run.seed * 1000 + self.dist.rank)  # dropout differs per rank
             return PhaseState()
+        if position.phase == plan.index and position.resharded(self.dist.world_size):
+            return self._resume_resharded(engine, loader, plan, position)
         if position.phase == plan.index:
             client = engine.load(self.ckpt_dir, position.tag)
             loader.load_state_dict(client["loader"])
@@ -284,8 +289,22 @@ class Trainer:
         self.ctx.log.info(f"phase {plan.index} starts from the weights of {position.tag}")
         return PhaseState()
 
+    def _resume_resharded(self, engine: Engine, loader: PretrainLoader, plan: PhasePlan, position) -> PhaseState:
+        """A checkpoint saved by another number of ranks (allocations change between jobs): the same model,
+        optimizer and schedule state; the data order continues with no row skipped or repeated. Not
+        bit-identical to a run on one layout: dropout and masks are drawn afresh per rank, and 1-bit error
+        feedback (per rank) restarts from zero."""
+        directory, tag = checkpoint.universal(self.ckpt_dir, position, self.dist, Engine.to_universal, self.ctx.log)
+        client = engine.load(directory, tag)
+        loader.load_state_dict(client["loader"])
+        torch.manual_seed(self.cfg.run.seed * 1000 + 100 * plan.index + 10 * position.step + self.dist.rank)
+        self.ctx.log.warning(f"resumed phase {plan.index} at step {position.step} from {position.tag}, saved by "
+                             f"{position.world_size} rank(s), on {self.dist.world_size}")
+        return PhaseState(**client["train"])
+
     def _save(self, engine: Engine, loader: PretrainLoader, plan: PhasePlan, state: PhaseState,
               phase_done: bool) -> None:
-        position = checkpoint.Position(plan.index, state.step, checkpoint.tag_for(plan.index, state.step), phase_done)
+        position = checkpoint.Position(plan.index, state.step, checkpoint.tag_for(plan.index, state.step), phase_done,
+                                       self.dist.world_size)
         client = {"loader": loader.state_dict(), "train": state.__dict__, "phase": plan.index}
         checkpoint.save(engine, self.ckpt_dir, position, client, self.dist, self.cfg.pretrain.keep_last)

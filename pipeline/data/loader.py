@@ -2,7 +2,8 @@
 
 Order: each epoch is one permutation of all rows drawn from (seed, epoch); rank r takes
 rows r, r+W, r+2W, ... of it, every rank the same count, so ranks step in lockstep and
-never share a row. Position: (epoch, next batch index). A batch is a pure function of
+never share a row. Position: (epoch, next batch index). Resumed on another number of ranks
+(or micro-batch size), the rest of the epoch's permutation is dealt out the same way. A batch is a pure function of
 (seed, epoch, batch index, rank), masks included, so `state_dict()` taken after any batch and
 loaded into a fresh loader continues with exactly the next batch, whatever was prefetched.
 """
@@ -107,23 +108,40 @@ class PretrainLoader:
         self.continuation = torch.tensor(continuation_flags(shards.dir / "tokenizer")) \
             if masking.whole_word else None
         self.epoch, self.batch_index = 0, 0
+        self.segment = (0, 0)  # (epoch, first row of its permutation): not 0 only after a layout change
         self._order: tuple[int, np.ndarray] | None = None
         self._worker: _Prefetcher | None = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "start": self._start(self.epoch), "seed": self.seed,
                 "world_size": self.world_size, "micro_batch": self.micro_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["seed"], state["world_size"], state["micro_batch"]) != (self.seed, self.world_size,
-                                                                          self.micro_batch):
-            raise StageInputError(f"cannot resume the data order of {state} with seed={self.seed}, "
-                                  f"world_size={self.world_size}, micro_batch={self.micro_batch}")
+        """Continue where `state` left off; saved by another number of ranks or micro-batch size, the rest
+        of that epoch's permutation is dealt out anew (no row skipped or repeated, masks drawn afresh)."""
+        if state["seed"] != self.seed:
+            raise StageInputError(f"cannot resume the data order of {state} with seed={self.seed}")
         self.close()
         self.epoch, self.batch_index = state["epoch"], state["batch_index"]
+        self.segment = (self.epoch, state.get("start", 0))
+        if (state["world_size"], state["micro_batch"]) != (self.world_size, self.micro_batch):
+            self.segment = (self.epoch, self.segment[1] + state["batch_index"] * state["micro_batch"]
+                            * state["world_size"])
+            self.batch_index = 0
+            if self.batches_in(self.epoch) == 0:  # the old layout's epoch tail is too short for the new one
+                self.epoch, self.segment = self.epoch + 1, (0, 0)
+        self._order = None
+
+    def _start(self, epoch: int) -> int:
+        return self.segment[1] if epoch == self.segment[0] else 0
+
+    def batches_in(self, epoch: int) -> int:
+        start = self._start(epoch)
+        return (len(self.shards) - start) // self.world_size // self.micro_batch if start else self.batches_per_epoch
 
     def rank_order(self, epoch: int) -> np.ndarray:
-        """This rank's row indices for one epoch (cached: a permutation per epoch, not per batch)."""
+        """This rank's row indices for one epoch (cached: a permutation per epoch, not per batch). An epoch
+        resumed on another layout begins at `start`, the rows the earlier layout consumed."""
         if self._order is None or self._order[0] != epoch:
             n = len(self.shards)
             if self.shuffle:
@@ -131,14 +149,16 @@ class PretrainLoader:
                 np.random.default_rng([self.seed, epoch]).shuffle(order)
             else:
                 order = np.arange(n, dtype=np.int64)
-            self._order = (epoch, order[self.rank::self.world_size][: self.rows_per_rank].astype(np.int64))
+            start = self._start(epoch)
+            mine = order[start:][self.rank::self.world_size]
+            self._order = (epoch, mine[: (n - start) // self.world_size].astype(np.int64))
         return self._order[1]
 
     def make_batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         rows = self.rank_order(epoch)[index * self.micro_batch:(index + 1) * self.micro_batch]
         tokens, pairs = self.shards.take(rows)
         ids = torch.from_numpy(tokens)
-        gen = torch.Generator().manual_seed(_batch_seed(self.seed, epoch, index, self.rank))
+        gen = torch.Generator().manual_seed(_batch_seed(self.seed, epoch, index, self.rank, self._start(epoch)))
         masked, labels = mask_tokens(ids, self.masking, self.shards.info, gen, self.continuation)
         batch = {"input_ids": masked, "attention_mask": (ids != self.shards.info.pad_id).long(),
                  "token_type_ids": torch.zeros_like(ids), "labels": labels,
@@ -158,7 +178,7 @@ class PretrainLoader:
             self._worker = _Prefetcher(self, self.epoch, self.batch_index, self.prefetch)
         batch = self._worker.get()
         self.batch_index += 1
-        if self.batch_index == self.batches_per_epoch:
+        if self.batch_index == self.batches_in(self.epoch):
             self.epoch, self.batch_index = self.epoch + 1, 0
         return batch
 
@@ -168,8 +188,9 @@ class PretrainLoader:
             self._worker = None
 
 
-def _batch_seed(seed: int, epoch: int, index: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def _batch_seed(seed: int, epoch: int, index: int, rank: int, start: int = 0) -> int:
+    key = [seed, epoch, index, rank] + ([start] if start else [])  # start 0: the seeds of every earlier run
+    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class _Prefetcher:
@@ -194,7 +215,7 @@ class _Prefetcher:
                     except queue.Full:
                         continue
                 index += 1
-                if index == loader.batches_per_epoch:
+                if index == loader.batches_in(epoch):
                     epoch, index = epoch + 1, 0
         except BaseException as exc:  # surface it in the consumer, not as a silent dead thread
             self._queue.put(exc)

@@ -1,18 +1,22 @@
 """Trains a tiny BERT for N steps on fixed batches under a given ZeRO stage; rank 0 saves the weights.
 
 Run by test_lamb.py under 1 or 2 ranks: the global batch is the same 8 sequences either way,
-split into micro-batches of 4 (1 rank: 2 accumulation steps; 2 ranks: one each).
+split into micro-batches of 4 (1 rank: 2 accumulation steps; 2 ranks: one each). Given a
+checkpoint folder and a step, it saves there at that step and stops, or, finding the checkpoint,
+resumes from it (on whatever number of ranks it now runs) and trains to the end.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 import torch
 
+from pipeline import checkpoint
 from pipeline.config import ModelConfig
 from pipeline.dist import Dist, detect
 from pipeline.engine import BatchPlan, Engine, ds_config
@@ -29,7 +33,7 @@ def batches(step: int) -> torch.Tensor:
     return ids, labels
 
 
-def main(zero: int, steps: int, naive: bool, out: Path) -> None:
+def main(zero: int, steps: int, naive: bool, out: Path, ckpt: Path | None = None, split: int = 0) -> None:
     dist = Dist(detect(os.environ))
     torch.manual_seed(0)
     model = build_model(bert_config(ModelConfig(preset="tiny", dropout=0.0), VOCAB), pairs=False)
@@ -39,8 +43,20 @@ def main(zero: int, steps: int, naive: bool, out: Path) -> None:
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True}))
     accum = GLOBAL // (MICRO * dist.world_size)
     cfg = ds_config(ds_json, BatchPlan(MICRO, accum, dist.world_size, "fp32", 1.0))
+    position = checkpoint.latest(ckpt) if ckpt else None
+    if position is not None and position.resharded(dist.world_size):
+        cfg["checkpoint"] = {"load_universal": True}
     engine = Engine(objective, optimizer, None, cfg, dist)
-    for step in range(steps):
+    first, last = 0, steps
+    if position is not None:  # the second job
+        if position.resharded(dist.world_size):
+            where = checkpoint.universal(ckpt, position, dist, Engine.to_universal, logging.getLogger("worker"))
+        else:
+            where = (ckpt, position.tag)
+        first = engine.load(*where)["step"]
+    elif ckpt is not None:  # the first job: stop at `split`
+        last = split
+    for step in range(first, last):
         ids, labels = batches(step)
         for micro in range(accum):
             start = (dist.rank * accum + micro) * MICRO
@@ -49,6 +65,10 @@ def main(zero: int, steps: int, naive: bool, out: Path) -> None:
                           token_type_ids=torch.zeros_like(ids[sl]), labels=labels[sl])
             engine.backward(out_.loss)
             engine.step()
+    if ckpt is not None and position is None:
+        tag = checkpoint.tag_for(0, last)
+        checkpoint.save(engine, ckpt, checkpoint.Position(0, last, tag, False, dist.world_size), {"step": last},
+                        dist, keep=1)
     if dist.is_main:
         torch.save({k: v.detach().float().clone() for k, v in engine.module.hf.state_dict().items()}, out)
     dist.barrier()
@@ -56,4 +76,5 @@ def main(zero: int, steps: int, naive: bool, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "naive", Path(sys.argv[4]))
+    resume = (Path(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 5 else ()
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "naive", Path(sys.argv[4]), *resume)

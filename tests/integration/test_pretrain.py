@@ -370,3 +370,38 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resum
         _same_as_straight(root, stage, "disk full")
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [("", "hostfiles/localhost"),
+                                           pytest.param("hostfiles/localhost", "", marks=pytest.mark.long)],
+                         ids=["1-to-2-ranks", "2-to-1-ranks"])
+def test_a_run_stopped_on_one_number_of_ranks_resumes_on_another(prepared, straight, before, after):
+    """Allocations change between jobs: through the launch script, the ZeRO-1 partitions are re-cut
+    (DeepSpeed's universal checkpoint), the step count, schedule and token count continue. That the
+    optimizer state comes across exactly: test_lamb_zero.py; that the data order neither skips nor
+    repeats a row: test_loader.py."""
+    root, base = prepared
+    name = f"reshard-{'up' if not before else 'down'}"
+    phases = [dict(base["pretrain"]["phases"][0]), {**base["pretrain"]["phases"][1], "micro_batch_size": 4}]
+    config = _variant(root, base, name, pretrain={"checkpoint_every": 100, "phases": phases})
+    stage = root / "runs" / name / "pretrain"
+    proc = _start_stage(config, before)
+    _wait_for_steps(proc, stage, 6)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    saved = json.loads((stage / "checkpoints" / "latest.json").read_text())
+    resumed = _start_stage(config, after)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    ranks = (1, 2) if not before else (2, 1)
+    assert (f"resumed phase 0 at step {saved['step']} from {saved['tag']}, saved by {ranks[0]} rank(s), "
+            f"on {ranks[1]}") in out + err
+    record = json.loads((stage / "stage.json").read_text())
+    assert record["status"] == "complete" and record["world_size"] == ranks[1]
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == 0 and "loss" in r] == list(range(1, 17))
+    reference = json.loads((straight / "stage.json").read_text())["metrics"]
+    assert record["metrics"]["phase0_tokens"] == reference["phase0_tokens"]
+    assert record["metrics"]["phase0_final_eval_loss"] < record["metrics"]["phase0_initial_eval_loss"]

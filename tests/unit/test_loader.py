@@ -112,3 +112,31 @@ def test_whole_word_masking_masks_all_pieces_of_a_word(prepared):
     # a continuation piece is chosen exactly when the piece before it is
     assert torch.equal(chosen[:, 1:][pieces[:, 1:]], chosen[:, :-1][pieces[:, 1:]])
     assert pieces.any() and abs(chosen.float().sum().item() / (~special).sum().item() - 0.15) < 0.02
+
+
+@pytest.mark.parametrize("before, after", [((1, 8), (2, 4)), ((2, 4), (1, 8)), ((2, 8), (1, 4))])
+def test_resuming_on_another_layout_deals_out_the_rest_of_the_epoch(prepared, before, after):
+    """1 -> 2 ranks, 2 -> 1, and a new micro-batch: the rows after the switch are exactly the rows the
+    epoch had left (none skipped, none repeated), and the next epoch is the usual one for the new layout."""
+    (w0, m0), (w1, m1) = before, after
+    old = [_loader(prepared, micro_batch=m0, rank=r, world_size=w0) for r in range(w0)]
+    seen = set()
+    for _ in range(3):
+        for loader in old:
+            seen.update(next(loader)["rows"].tolist())
+    state = old[0].state_dict()
+    new = [_loader(prepared, micro_batch=m1, rank=r, world_size=w1) for r in range(w1)]
+    for loader in new:
+        loader.load_state_dict(state)
+    rest, epoch = [], new[0].epoch
+    while new[0].epoch == epoch:
+        for loader in new:
+            rest += next(loader)["rows"].tolist()
+    n = len(new[0].shards)
+    assert not seen & set(rest) and len(rest) == len(set(rest))
+    assert len(seen) + len(rest) > n - w1 * m1 - w0 * m0  # only an epoch's tail that fills no batch is dropped
+    fresh = _loader(prepared, micro_batch=m1, rank=0, world_size=w1)
+    fresh.epoch = new[0].epoch
+    assert torch.equal(next(new[0])["rows"], next(fresh)["rows"])  # the next epoch: the new layout's usual one
+    for loader in old + new + [fresh]:
+        loader.close()
