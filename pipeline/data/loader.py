@@ -113,8 +113,8 @@ class PretrainLoader:
         self._worker: _Prefetcher | None = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "start": self._start(self.epoch), "seed": self.seed,
-                "world_size": self.world_size, "micro_batch": self.micro_batch}
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "start": self._start(self.epoch),
+                "seed": self.seed, "world_size": self.world_size, "micro_batch": self.micro_batch}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` left off; saved by another number of ranks or micro-batch size, the rest
