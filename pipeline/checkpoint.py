@@ -120,7 +120,8 @@ def _disk_full(exc: BaseException, directory: Path) -> str | None:
     if not (no_space or (isinstance(exc, RuntimeError) and free < 64 << 20)):
         return None
     sizes = [sum(f["bytes"] for f in json.loads((p / MANIFEST).read_text())["files"].values())
-             for p in sorted(directory.iterdir()) if TAG.match(p.name) and (p / MANIFEST).is_file()]
+             for p in sorted((p for p in directory.iterdir() if TAG.match(p.name)), key=_order)
+             if (p / MANIFEST).is_file()]
     need = f"about {sizes[-1] / 1e6:,.0f} MB (the previous checkpoint's size)" if sizes else "more"
     return (f"{directory}: no space left on device while saving a checkpoint: it needs {need}, "
             f"{free / 1e6:,.0f} MB are free; the previous checkpoint is intact: free space and run the same "
@@ -169,7 +170,8 @@ def _choose(directory: Path, log) -> dict | str | None:
     if not directory.is_dir():
         return None
     named, problem = _read_latest(directory)
-    folders = sorted((p for p in directory.iterdir() if p.is_dir() and TAG.match(p.name)), reverse=True)
+    folders = sorted((p for p in directory.iterdir() if p.is_dir() and TAG.match(p.name)), key=_order,
+                     reverse=True)
     for folder in folders:
         if not (folder / MANIFEST).exists() and (named is None or folder.name != named["tag"]):
             shutil.rmtree(folder, ignore_errors=True)  # a save cut short: never named, never complete
@@ -246,7 +248,13 @@ def restore_rank_state(engine, directory: Path, tag: str, dist: Dist) -> None:
     engine.load_rank_state(state["optimizer"])
 
 
+def _order(folder: Path) -> tuple[int, int]:
+    """(phase, step) as numbers: `p10-...` comes after `p9-...` (finetune counts epochs as phases)."""
+    phase, step = folder.name[1:].split("-s")
+    return int(phase), int(step)
+
+
 def _prune(directory: Path, keep: int) -> None:
-    tags = sorted(p for p in directory.iterdir() if p.is_dir() and TAG.match(p.name))
+    tags = sorted((p for p in directory.iterdir() if p.is_dir() and TAG.match(p.name)), key=_order)
     for old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

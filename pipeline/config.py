@@ -42,6 +42,7 @@ class RunSection(Section):
     stop_signals: list[StopSignal] = ["SIGTERM", "SIGUSR1", "SIGINT"]
     deadline: str | None = None  # "90m" / "12h" from the command's start, or a local ISO time
     deadline_margin_minutes: Annotated[float, Field(ge=0.0)] = 5.0  # stop this long before it (a step + a save)
+    progress_seconds: Annotated[float, Field(gt=0.0)] = 30.0  # finetune's progress line (rate, ETA): this often
 
     @field_validator("deadline")
     @classmethod
@@ -263,6 +264,7 @@ class FinetuneConfig(Section):
     warmup: Fraction = 0.1
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    checkpoint_every: PosInt = 500  # steps; also after every epoch's evaluation and on a stop signal
     earlybert: FinetuneEarlyBertConfig = FinetuneEarlyBertConfig()
 
     @model_validator(mode="after")

@@ -6,13 +6,15 @@ For each model (a stage's export, the pruned weights, or an HF BERT directory) a
   earlybert   (finetune.earlybert.enabled, dense models only) search a ticket on the task,
               prune the rewound weights, fine-tune the ticket the same way.
 Each (task, model, variant) directory gets a `result.json` when it is done, so a rerun after a
-kill continues with the next one. The stage ends with `comparison.md`: dense vs ticket, quality
-against pretraining and fine-tuning cost.
+kill continues with the next one; a standard fine-tuning cut short resumes mid-epoch from its
+own checkpoints (`<task>/<model>/checkpoints`, removed once it is done). The stage ends with
+`comparison.md`: dense vs ticket, quality against pretraining and fine-tuning cost.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from rich.table import Table
@@ -52,7 +54,7 @@ def run(ctx: StageContext) -> StageResult:
     if not cfg.tasks:
         raise ConfigError("finetune.tasks: no task configured")
     tuner = FineTuner(cfg, Path(ctx.cfg.distributed.ds_config), ctx.dist, ctx.log, ctx.cfg.run.seed,
-                      ctx.stage_dir / "tensorboard")
+                      ctx.stage_dir / "tensorboard", stop=ctx.stop, progress_seconds=ctx.cfg.run.progress_seconds)
     results = []
     for spec in cfg.models:
         source = resolve_source(spec, ctx.run_dir.stage_dir)
@@ -107,8 +109,10 @@ def _variant(ctx: StageContext, tuner: FineTuner, source: ModelSource, data: Tas
     hf = build_task_model(source, task.kind, data.num_labels, seed, plan=ticket.plan if ticket else None,
                           labels=data.labels)
     epochs = cfg.earlybert.retrain_epochs if ticket else (task.epochs or cfg.epochs)
+    # the ticket's fine-tuning starts over on a rerun (the search before it is rerun too)
     plan = FitPlan(epochs=epochs, lr=task.lr or cfg.lr, best_dir=out / "best",
-                   save_best=lambda model, where: save_task_model(model, source.tokenizer, where))
+                   save_best=lambda model, where: save_task_model(model, source.tokenizer, where),
+                   ckpt_dir=out / "checkpoints" if ticket is None else None)
     fit = tuner.fit(TaskObjective(hf), data, plan, tokenizer.pad_token_id, f"{task.name}/{source.label}/{variant}")
     _predict(ctx, tuner, hf, data, tokenizer.pad_token_id, out)
     result = {"task": task.name, "kind": task.kind, "model": source.label, "variant": variant, "dir": rel,
@@ -122,6 +126,7 @@ def _variant(ctx: StageContext, tuner: FineTuner, source: ModelSource, data: Tas
         f"{k} {v:.4f}" for k, v in fit.best.items() if isinstance(v, float)) + f"  ({result['seconds']:.0f} s)")
     if ctx.dist.is_main:
         atomic_write_json(out / "result.json", result)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # done: `best/` holds the weights that count
     ctx.dist.barrier()
     return result
 

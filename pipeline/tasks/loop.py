@@ -4,6 +4,12 @@ Each rank takes its slice of every global batch (a seeded permutation per epoch,
 every rank), the engine all-reduces the gradients, and evaluation is sharded and gathered so
 every rank computes the same metrics and agrees on the best epoch. The best epoch's weights
 are kept in memory and saved (rank 0) to `best/`; at the end they are the loaded weights.
+
+With a checkpoint folder (`FitPlan.ckpt_dir`), the fit saves every `finetune.checkpoint_every`
+steps, after each epoch's evaluation, and on a stop signal or the deadline (all ranks agree at a
+step boundary, as in pretraining); a rerun resumes from the newest verified checkpoint mid-epoch
+and, on CPU, ends with the same metrics and weights as an uninterrupted fit. Progress (step, loss,
+rate, ETA) is logged every `run.progress_seconds` (30 by default).
 """
 
 from __future__ import annotations
@@ -11,16 +17,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from pipeline import checkpoint
 from pipeline.config import FinetuneConfig
 from pipeline.engine import BatchPlan, Engine, ds_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageInputError, Stopped
 from pipeline.tasks import squad
 from pipeline.tasks.data import Split, TaskData
 from pipeline.tasks.metrics import primary_metric, squad_metrics, task_metrics
@@ -49,6 +56,7 @@ class FitPlan:
     on_step: Callable[[int], bool] | None = None  # step -> stop now
     best_dir: Path | None = None
     save_best: Callable[[nn.Module, Path], None] | None = None
+    ckpt_dir: Path | None = None  # checkpoints for resuming mid-epoch (None: a rerun starts the fit over)
 
 
 @dataclass
@@ -63,23 +71,79 @@ class FitResult:
     train_loss: float = 0.0  # mean over the last epoch's steps
 
 
+@dataclass
+class FitState:
+    """Where a fit is: what a checkpoint holds besides the engine's own state."""
+
+    result: FitResult = field(default_factory=FitResult)
+    epoch: int = 0
+    step_in_epoch: int = 0  # steps of `epoch` done
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # this epoch's non-pad tokens, summed loss
+    best_state: dict | None = None
+
+    def client(self) -> dict:
+        return {"result": asdict(self.result), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "sums": list(self.sums), "best_state": self.best_state}
+
+    @classmethod
+    def from_client(cls, client: dict) -> FitState:
+        return cls(FitResult(**client["result"]), client["epoch"], client["step_in_epoch"], client["sums"],
+                   client["best_state"])
+
+
+class Progress:
+    """A log line every `every` seconds on rank 0: where the fit is, its rate and the time left."""
+
+    def __init__(self, name: str, total: int, done: int, log, main: bool, every: float = 30.0):
+        self.name, self.total, self.first, self.log, self.main, self.every = name, total, done, log, main, every
+        self.start = self.last = time.perf_counter()
+
+    def step(self, epoch: int, epochs: int, steps: int, loss: float) -> None:
+        now = time.perf_counter()
+        if not self.main or now - self.last < self.every:
+            return
+        self.last = now
+        rate = (steps - self.first) / max(now - self.start, 1e-9)
+        left = (self.total - steps) / max(rate, 1e-9)
+        self.log.info(f"{self.name}: epoch {epoch + 1}/{epochs}  step {steps}/{self.total}  loss {loss:.4f}  "
+                      f"{rate:.2f} steps/s  ETA {time.strftime('%H:%M:%S', time.gmtime(left))} (training)")
+
+
 class FineTuner:
-    def __init__(self, cfg: FinetuneConfig, ds_config_path: Path, dist, log, seed: int, tb_dir: Path | None = None):
+    def __init__(self, cfg: FinetuneConfig, ds_config_path: Path, dist, log, seed: int, tb_dir: Path | None = None,
+                 stop=None, progress_seconds: float = 30.0):
         self.cfg, self.ds_config_path, self.dist, self.log, self.seed = cfg, ds_config_path, dist, log, seed
-        self.tb_dir = tb_dir
+        self.tb_dir, self.stop = tb_dir, stop  # stop: pipeline.stopping.StopRequests
+        self.progress_seconds = progress_seconds
         if cfg.batch_size % dist.world_size:
             raise ConfigError(f"finetune.batch_size: {cfg.batch_size} is not a multiple of the {dist.world_size} ranks")
 
     def fit(self, objective: TaskObjective, data: TaskData, plan: FitPlan, pad_id: int, name: str) -> FitResult:
-        train = data.splits["train"]
-        steps_per_epoch = math.ceil(len(train) / self.cfg.batch_size)
+        steps_per_epoch = math.ceil(len(data.splits["train"]) / self.cfg.batch_size)
         total = steps_per_epoch * plan.epochs if plan.max_steps is None else min(plan.max_steps,
                                                                                    steps_per_epoch * plan.epochs)
         engine = self.engine = self._engine(objective, plan.lr, total, name)  # hooks may read it (gates)
-        result, best_state, start = FitResult(), None, time.perf_counter()
-        metric = primary_metric(data.task.kind)
-        for epoch in range(plan.epochs):
-            self._epoch(engine, train, epoch, total, pad_id, result, plan.on_step)
+        state = self._resume(engine, plan, name)
+        listening = plan.ckpt_dir is not None and self.stop is not None
+        if listening:
+            self.stop.listening = True  # a signal now waits for the step boundary, then saves
+        try:
+            self._fit(engine, data, plan, pad_id, name, total, state)
+        finally:
+            if listening:
+                self.stop.listening = False
+        if state.best_state is not None:
+            engine.module.hf.load_state_dict(state.best_state)
+        self.dist.barrier()
+        return state.result
+
+    def _fit(self, engine: Engine, data: TaskData, plan: FitPlan, pad_id: int, name: str, total: int,
+             state: FitState) -> None:
+        result, metric = state.result, primary_metric(data.task.kind)
+        progress = Progress(name, total, result.steps, self.log, self.dist.is_main, self.progress_seconds)
+        start = self._started = time.perf_counter() - result.seconds  # earlier, interrupted runs' included
+        for epoch in range(state.epoch, plan.epochs):
+            self._epoch(engine, data.splits["train"], epoch, total, pad_id, state, plan, progress)
             if plan.evaluate:
                 scores = self.evaluate(engine.module.hf, data, "dev", pad_id)[0]
                 scores.update(epoch=epoch + 1, step=result.steps, train_loss=result.train_loss)
@@ -88,16 +152,16 @@ class FineTuner:
                               "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
                 if result.best_epoch is None or scores[metric] > result.best[metric]:
                     result.best, result.best_epoch = scores, epoch + 1
-                    best_state = {k: v.detach().clone() for k, v in engine.module.hf.state_dict().items()}
+                    state.best_state = {k: v.detach().clone() for k, v in engine.module.hf.state_dict().items()}
                     if plan.save_best is not None and self.dist.is_main:
                         plan.save_best(engine.module.hf, plan.best_dir)
+            state.epoch, state.step_in_epoch, state.sums = epoch + 1, 0, [0.0, 0.0]
+            result.seconds = time.perf_counter() - start
             if result.stopped or result.steps >= total:
                 break
+            if plan.ckpt_dir is not None:  # the evaluation is not repeated by a rerun
+                self._save(engine, plan, state, epoch + 1)
         result.seconds = time.perf_counter() - start
-        if best_state is not None:
-            engine.module.hf.load_state_dict(best_state)
-        self.dist.barrier()
-        return result
 
     def _engine(self, objective: nn.Module, lr: float, total_steps: int, name: str) -> Engine:
         groups = {True: [], False: []}  # biases, LayerNorms and gates (L1 instead) take no weight decay
@@ -112,30 +176,66 @@ class FineTuner:
         config = ds_config(self.ds_config_path, batch, tensorboard_dir=tb, job_name=name, section="finetune")
         return Engine(objective, optimizer, scheduler, config, self.dist)
 
-    def _epoch(self, engine: Engine, train: Split, epoch: int, total: int, pad_id: int, result: FitResult,
-               on_step) -> None:
-        """One pass over the (shuffled) train split, or less when the budget ends or `on_step` says stop."""
+    def _epoch(self, engine: Engine, train: Split, epoch: int, total: int, pad_id: int, state: FitState,
+               plan: FitPlan, progress: Progress) -> None:
+        """One pass over the (shuffled) train split from `state.step_in_epoch`, or less when the budget ends
+        or `on_step` says stop."""
         gbs, micro, rank = self.cfg.batch_size, self.cfg.batch_size // self.dist.world_size, self.dist.rank
         order = epoch_order(train.lengths(), gbs, self.seed * 1000 + epoch)
-        steps = len(order) // gbs
+        steps, result = len(order) // gbs, state.result
         engine.module.train()
-        tokens = torch.zeros(2, dtype=torch.float64)  # non-pad tokens, summed loss
-        for step in range(steps):
+        sums = torch.tensor(state.sums, dtype=torch.float64)  # non-pad tokens, summed loss
+        for step in range(state.step_in_epoch, steps):
             indices = order[step * gbs + rank * micro: step * gbs + (rank + 1) * micro].tolist()
             batch = train.batch(indices, pad_id)
             out = engine(**batch)
-            tokens += torch.tensor([float(batch["attention_mask"].sum()), float(out.loss.detach())],
-                                   dtype=torch.float64)
+            sums += torch.tensor([float(batch["attention_mask"].sum()), float(out.loss.detach())],
+                                 dtype=torch.float64)
             engine.backward(out.loss)
             engine.step()
             result.steps += 1
-            result.stopped = on_step is not None and on_step(result.steps)
+            state.step_in_epoch, state.sums = step + 1, sums.tolist()
+            result.stopped = plan.on_step is not None and plan.on_step(result.steps)
+            progress.step(epoch, plan.epochs, result.steps, float(sums[1]) / (step + 1))
             if result.stopped or result.steps >= total:
                 break
+            if plan.ckpt_dir is not None:
+                self._checkpoint_or_stop(engine, plan, state, epoch, last=step + 1 == steps)
         if self.dist.world_size > 1:
-            torch.distributed.all_reduce(tokens)
-        result.train_tokens += int(tokens[0])
-        result.train_loss = float(tokens[1]) / max(1, (step + 1) * self.dist.world_size)
+            torch.distributed.all_reduce(sums)
+        result.train_tokens += int(sums[0])
+        result.train_loss = float(sums[1]) / max(1, state.step_in_epoch * self.dist.world_size)
+
+    def _checkpoint_or_stop(self, engine: Engine, plan: FitPlan, state: FitState, epoch: int, last: bool) -> None:
+        """Every `checkpoint_every` steps (the epoch's last step: saved after its evaluation), and when every
+        rank agrees to stop (a signal or the deadline): save, then leave with `Stopped`."""
+        reason = self.stop.agreed(self.dist.world_size) if self.stop is not None else None
+        if reason is not None or (state.result.steps % self.cfg.checkpoint_every == 0 and not last):
+            self._save(engine, plan, state, epoch)
+        if reason is not None:
+            raise Stopped(f"{reason}: saved epoch {epoch + 1} step {state.step_in_epoch} "
+                          f"({checkpoint.tag_for(epoch, state.result.steps)}); run the same command to resume")
+
+    def _save(self, engine: Engine, plan: FitPlan, state: FitState, epoch: int) -> None:
+        """Tags `p<epoch>-s<step>`: the save after an epoch's evaluation counts as the next epoch's start,
+        so it never takes the name of a save at the same step before the evaluation."""
+        state.result.seconds = time.perf_counter() - self._started
+        tag = checkpoint.tag_for(epoch, state.result.steps)
+        position = checkpoint.Position(epoch, state.result.steps, tag, False, self.dist.world_size)
+        checkpoint.save(engine, plan.ckpt_dir, position, state.client(), self.dist, keep=1)
+
+    def _resume(self, engine: Engine, plan: FitPlan, name: str) -> FitState:
+        position = checkpoint.resume_point(plan.ckpt_dir, self.dist, self.log) if plan.ckpt_dir else None
+        if position is None:
+            return FitState()
+        if position.resharded(self.dist.world_size):
+            raise StageInputError(f"{plan.ckpt_dir}: saved by {position.world_size} rank(s), this run has "
+                                  f"{self.dist.world_size}: rerun on {position.world_size}, or remove "
+                                  f"{plan.ckpt_dir} to start this fine-tuning over")
+        state = FitState.from_client(engine.load(plan.ckpt_dir, position.tag))
+        checkpoint.restore_rank_state(engine, plan.ckpt_dir, position.tag, self.dist)
+        self.log.info(f"{name}: resumed at epoch {state.epoch + 1} step {state.step_in_epoch} from {position.tag}")
+        return state
 
     @torch.no_grad()
     def evaluate(self, hf: nn.Module, data: TaskData, split: str, pad_id: int) -> tuple[dict, object]:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 
 from tests.conftest import REPO, cli_env, run_cli, write_config
 
@@ -100,3 +104,71 @@ def _best_loads_in_stock_transformers(dense: Path, ticket: Path) -> None:
     assert (ticket / PLAN).exists()
     pruned = build_task_model(ModelSource("ticket", ticket, ticket), "classification", 5, seed=0, with_head=True)
     assert pruned.fresh_weights == []  # every weight, head included, came back from the file
+
+
+def _resume_config(tmp_path: Path, bbc_dir: Path, name: str) -> Path:
+    return write_config(tmp_path / f"{name}.yaml", {
+        "run": {"name": name, "root": str(tmp_path / "runs"), "progress_seconds": 0.5},
+        "distributed": {"ds_config": str(REPO / "ds_configs/cpu_demo.json")},
+        "finetune": {"models": [str(MINILM)], "tasks": [_bbc_task(bbc_dir, tmp_path)], "epochs": 2, "lr": 1e-4,
+                     "batch_size": 16, "precision": "fp32", "checkpoint_every": 6}})
+
+
+def _start(config: Path) -> subprocess.Popen:
+    return subprocess.Popen(["bash", "launch/run_stage.sh", "finetune", str(config), ""], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _best_weights(stage: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(stage / "bbc" / LABEL / "best" / "model.safetensors")
+
+
+def _wait_for_checkpoint(latest: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= step):
+        time.sleep(0.05)
+    time.sleep(1.0)  # a step or two past it
+
+
+@pytest.mark.slow
+def test_finetune_cut_mid_epoch_resumes_to_the_same_result(tmp_path, bbc_dir):
+    """13 steps an epoch, 2 epochs, a checkpoint every 6 steps and after each epoch's evaluation. A SIGTERM
+    in the first epoch saves at once (exit 75); the rerun is killed -9 in the second epoch (its step-18
+    checkpoint survives); the third run ends with the metrics, history and best weights of an
+    uninterrupted fit, bit for bit on CPU."""
+    straight = run_cli("finetune", "--config", str(_resume_config(tmp_path, bbc_dir, "straight")))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "steps/s  ETA" in straight.stderr + straight.stdout  # progress lines with rate and time left
+    config = _resume_config(tmp_path, bbc_dir, "cut")
+    stage = tmp_path / "runs" / "cut" / "finetune"
+    latest = stage / "bbc" / LABEL / "checkpoints" / "latest.json"
+    first = _start(config)
+    _wait_for_checkpoint(latest, 6)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 75, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("stopped: SIGTERM: saved epoch 1 step"), err[-2000:]
+    assert json.loads((stage / "stage.json").read_text())["status"] == "stopped"
+    stopped = json.loads(latest.read_text())
+    assert stopped["phase"] == 0 and 6 < stopped["step"] < 13
+    second = _start(config)
+    _wait_for_checkpoint(latest, 18)
+    for child in psutil.Process(second.pid).children(recursive=True):
+        child.kill()
+    second.kill()
+    out, err = second.communicate()
+    assert f"resumed at epoch 1 step {stopped['step']} from {stopped['tag']}" in out + err
+    killed = json.loads(latest.read_text())
+    assert killed["phase"] == 1 and killed["step"] >= 18
+    third = _start(config)
+    out, err = third.communicate(timeout=600)
+    assert third.returncode == 0, err[-3000:]
+    assert f"resumed at epoch 2 step {killed['step'] - 13} from {killed['tag']}" in out + err
+    a = json.loads((tmp_path / "runs/straight/finetune/results.json").read_text())["results"][0]
+    b = json.loads((stage / "results.json").read_text())["results"][0]
+    assert a["metrics"] == b["metrics"] and a["history"] == b["history"] and a["steps"] == b["steps"] == 26
+    wa, wb = _best_weights(tmp_path / "runs/straight/finetune"), _best_weights(stage)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not (stage / "bbc" / LABEL / "checkpoints").exists()  # removed once the fit is done
