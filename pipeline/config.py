@@ -69,9 +69,9 @@ def _deadline_seconds(value: str, started: float) -> float:
 
 
 class SourceConfig(Section):
-    kind: Literal["text", "jsonl", "wiki_xml", "hf_disk"]
+    kind: Literal["text", "jsonl", "wiki_xml", "hf_disk", "parquet"]
     paths: list[str] = Field(min_length=1)  # files, directories or globs; .gz/.bz2/.zst read too
-    text_field: str = "text"  # jsonl and datasets: which field holds the document
+    text_field: str = "text"  # jsonl, datasets and parquet: which column holds the document
     doc_split: Literal["blank_line", "file", "line"] = "blank_line"  # plain text only
 
     @model_validator(mode="after")

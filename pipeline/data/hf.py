@@ -1,31 +1,58 @@
-"""Hugging Face `datasets` as a corpus: a dataset saved with `save_to_disk` (Arrow, memory-mapped)."""
+"""Hugging Face `datasets` as a corpus: a dataset saved with `save_to_disk` (Arrow, memory-mapped), or
+parquet files (the format of public corpora on the HF hub), read through `datasets`' parquet builder,
+which converts them once to memory-mapped Arrow in its cache (`HF_DATASETS_CACHE`)."""
 
 from __future__ import annotations
 
+import glob
 import math
+import os
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 from pipeline.config import SourceConfig
 from pipeline.data.sources import WorkUnit
 from pipeline.errors import StageInputError
 
 
+def parquet_files(source: SourceConfig, source_index: int) -> list[str]:
+    """Every parquet file a source names (files, directories searched for *.parquet, globs), sorted."""
+    found = []
+    for pattern in source.paths:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        files = [str(f) for m in matches for f in (sorted(Path(m).rglob("*.parquet")) if os.path.isdir(m) else
+                                                   [m] if os.path.isfile(m) else [])]
+        if not files:
+            raise StageInputError(f"data.sources.{source_index}.paths: '{pattern}' matches no parquet file")
+        found += files
+    return sorted(dict.fromkeys(found))
+
+
 def _load(source: SourceConfig, source_index: int = 0):
     import datasets
 
+    datasets.logging.set_verbosity_error()  # no progress bars per unit
     path = source.paths[0]
-    try:
-        ds = datasets.load_from_disk(path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise StageInputError(f"data.sources.{source_index}.paths: {path}: not a saved dataset ({exc})") from None
+    if source.kind == "parquet":
+        files = parquet_files(source, source_index)
+        try:
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        except Exception as exc:  # pyarrow and datasets raise many kinds for a file that is not parquet
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise StageInputError(f"data.sources.{source_index}.paths: not readable as parquet: {first}") from None
+    else:
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise StageInputError(f"data.sources.{source_index}.paths: {path}: not a saved dataset ({exc})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise StageInputError(f"data.sources.{source_index}.paths: {path}: a DatasetDict without 'train'")
         ds = ds["train"]
     if source.text_field not in ds.column_names:
         raise StageInputError(f"data.sources.{source_index}.text_field: '{source.text_field}' is not a column "
-                              f"of {path} (columns: {', '.join(ds.column_names)})")
+                              f"of {', '.join(source.paths)} (columns: {', '.join(ds.column_names)})")
     return ds
 
 
@@ -39,8 +66,9 @@ def plan_dataset_units(source: SourceConfig, source_index: int, unit_bytes: int,
             for i, start in enumerate(range(0, rows, per_unit))]
 
 
-def iter_dataset_rows(source: SourceConfig, rows: tuple[int, int], stats: Counter) -> Iterator[str]:
-    ds = _load(source)
+def iter_dataset_rows(source: SourceConfig, source_index: int, rows: tuple[int, int],
+                      stats: Counter) -> Iterator[str]:
+    ds = _load(source, source_index)
     start, stop = rows
     for batch_start in range(start, stop, 1000):
         texts = ds[batch_start:min(batch_start + 1000, stop)][source.text_field]

@@ -188,10 +188,10 @@ def iter_unit_docs(unit: WorkUnit, source: SourceConfig, max_chars: int, stats: 
 
 
 def _raw_unit_docs(unit: WorkUnit, source: SourceConfig, max_chars: int, stats: Counter) -> Iterator[str]:
-    if source.kind == "hf_disk":
+    if source.kind in ("hf_disk", "parquet"):
         from pipeline.data.hf import iter_dataset_rows
 
-        yield from iter_dataset_rows(source, unit.rows, stats)
+        yield from iter_dataset_rows(source, unit.source, unit.rows, stats)
         return
     for path in unit.files:
         if source.kind == "text":

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from pipeline.config import RunConfig
 from pipeline.console import print_table, progress
-from pipeline.data.hf import plan_dataset_units
+from pipeline.data.hf import parquet_files, plan_dataset_units
 from pipeline.data.shards import FORMAT_VERSION, MANIFEST
 from pipeline.data.sources import WorkUnit, expand_paths, iter_unit_docs, plan_file_units
 from pipeline.data.tokenizer import build_tokenizer, tokenizer_info
@@ -36,7 +36,10 @@ def input_fingerprints(cfg: RunConfig) -> dict[str, str]:
     """What the raw inputs are, cheaply (path, size, mtime): a changed corpus reruns the stage."""
     digest = hashlib.sha256()
     for index, source in enumerate(cfg.data.sources):
-        paths = expand_paths(source, index) if source.kind != "hf_disk" else _dataset_files(source.paths[0])
+        if source.kind == "hf_disk":
+            paths = _dataset_files(source.paths[0])
+        else:
+            paths = parquet_files(source, index) if source.kind == "parquet" else expand_paths(source, index)
         for path in paths:
             st = os.stat(path)
             digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -55,7 +58,7 @@ def plan_units(cfg: RunConfig) -> list[WorkUnit]:
     unit_bytes = int(cfg.data.unit_mb * (1 << 20))
     units: list[WorkUnit] = []
     for index, source in enumerate(cfg.data.sources):
-        if source.kind == "hf_disk":
+        if source.kind in ("hf_disk", "parquet"):
             units += plan_dataset_units(source, index, unit_bytes, len(units))
             continue
         files = expand_paths(source, index)

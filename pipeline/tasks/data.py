@@ -35,6 +35,7 @@ class Split:
     labels: torch.Tensor | None = None  # None: a test split without labels
     features: squad.SquadFeatures | None = None
     examples: list[squad.SquadExample] | None = None
+    note: str = ""  # what reading it repaired or left out
 
     def __len__(self) -> int:
         return len(self.features) if self.features is not None else len(self.ids)
@@ -169,8 +170,18 @@ def _load_squad(task: FinetuneTaskConfig, split: str, tokenizer) -> Split:
     if not task.version_2 and any(e.is_impossible for e in examples):
         raise ConfigError(f"{_where(task, 'version_2')}: {path} has unanswerable questions (SQuAD v2.0); "
                           "set version_2: true")
+    relocated = sum(e.relocated for e in examples)
+    unlocated = [e for e in examples if e.unlocated]
+    note = f"{relocated} answer(s) found near, not at, their answer_start" if relocated else ""
+    if unlocated:
+        use = "skipped for training" if split == "train" else "still scored against its answers"
+        note += f"{'; ' if note else ''}{len(unlocated)} question(s) whose answer text is not in the context, {use}"
+    if split == "train":  # a window labelled "no answer" for an answerable question would teach the wrong thing
+        examples = [e for e in examples if not e.unlocated]
+        if not examples:
+            raise PipelineError(f"{path}: no question's answer text is in its context")
     features = squad.make_features(examples, tokenizer, task.max_seq_len, task.doc_stride, task.max_query_len)
-    return Split(split, features=features, examples=examples)
+    return Split(split, features=features, examples=examples, note=f"{split}: {note}" if note else "")
 
 
 def load_task(task: FinetuneTaskConfig, tokenizer) -> TaskData:
@@ -208,4 +219,5 @@ def write_predictions(data: TaskData, split: str, predictions, path: Path) -> No
 def describe(data: TaskData) -> str:
     sizes = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
     extra = f", labels {json.dumps(data.labels)}" if data.labels else ""
-    return f"{data.task.name} ({data.task.kind}): {sizes}{extra}"
+    notes = "".join(f" ({split.note})" for split in data.splits.values() if split.note)
+    return f"{data.task.name} ({data.task.kind}): {sizes}{extra}{notes}"

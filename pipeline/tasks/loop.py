@@ -132,6 +132,8 @@ class FineTuner:
         finally:
             if listening:
                 self.stop.listening = False
+        if listening and self.stop.received:  # after the last boundary: the last epoch is redone on a rerun
+            raise Stopped(f"{self.stop.received} received as the fit ended; run the same command to resume")
         if state.best_state is not None:
             engine.module.hf.load_state_dict(state.best_state)
         self.dist.barrier()
@@ -157,11 +159,22 @@ class FineTuner:
                         plan.save_best(engine.module.hf, plan.best_dir)
             state.epoch, state.step_in_epoch, state.sums = epoch + 1, 0, [0.0, 0.0]
             result.seconds = time.perf_counter() - start
-            if result.stopped or result.steps >= total:
+            done = result.stopped or result.steps >= total
+            if plan.ckpt_dir is not None:
+                self._epoch_end(engine, plan, state, done)
+            if done:
                 break
-            if plan.ckpt_dir is not None:  # the evaluation is not repeated by a rerun
-                self._save(engine, plan, state, epoch + 1)
         result.seconds = time.perf_counter() - start
+
+    def _epoch_end(self, engine: Engine, plan: FitPlan, state: FitState, done: bool) -> None:
+        """Save after the evaluation (a rerun does not repeat it); a stop signal that came during it is
+        agreed here, a boundary every rank reaches."""
+        reason = self.stop.agreed(self.dist.world_size) if self.stop is not None else None
+        if not done or reason is not None:
+            self._save(engine, plan, state, state.epoch)
+        if reason is not None:
+            raise Stopped(f"{reason}: saved after epoch {state.epoch} "
+                          f"({checkpoint.tag_for(state.epoch, state.result.steps)}); run the same command to resume")
 
     def _engine(self, objective: nn.Module, lr: float, total_steps: int, name: str) -> Engine:
         groups = {True: [], False: []}  # biases, LayerNorms and gates (L1 instead) take no weight decay

@@ -39,7 +39,13 @@ class SquadExample:
     question: str
     context: str
     answers: tuple[str, ...]
-    answer_starts: tuple[int, ...]  # character offsets into `context`, parallel to `answers`
+    answer_starts: tuple[int, ...]  # character offsets into `context`, parallel to `answers`; -1: not found
+    relocated: int = 0  # answers found near, not at, their `answer_start` in the file
+
+    @property
+    def unlocated(self) -> bool:
+        """Answerable, but no answer text was found in the context: nothing to label a window with."""
+        return bool(self.answers) and all(start < 0 for start in self.answer_starts)
 
     @property
     def is_impossible(self) -> bool:
@@ -112,7 +118,9 @@ def _field(obj: Any, key: str, kind: type, path: Path, place: str) -> Any:
 
 
 def _read_question(qa: Any, context: str, path: Path, place: str) -> SquadExample:
-    """One `qas` entry; every answer must sit exactly at its `answer_start`, or labels would point at wrong text."""
+    """One `qas` entry. An answer not at its `answer_start` (published files have off-by-a-few offsets) is
+    taken at the occurrence of its text nearest to that offset, as the reference tools search for it; one
+    whose text is nowhere in the context keeps its text (scored against) with start -1 (no training label)."""
     qid = _field(qa, "id", str, path, place)
     question = _field(qa, "question", str, path, place)
     impossible = _field(qa, "is_impossible", bool, path, place) if "is_impossible" in qa else False
@@ -126,12 +134,21 @@ def _read_question(qa: Any, context: str, path: Path, place: str) -> SquadExampl
         start = _field(answer, "answer_start", int, path, ans_place)
         if not text:
             raise PipelineError(f"{path}: {ans_place}: empty answer text (id {qid!r})")
-        if start < 0 or context[start:start + len(text)] != text:
-            raise PipelineError(f"{path}: {ans_place}: answer text {_short(text)!r} not found at answer_start "
-                                f"{start} in the context (id {qid!r})")
         texts.append(text)
-        starts.append(start)
-    return SquadExample(qid, question, context, tuple(texts), tuple(starts))
+        starts.append(locate(context, text, start))
+    relocated = sum(0 <= found != given["answer_start"] for found, given in zip(starts, qa["answers"]))
+    return SquadExample(qid, question, context, tuple(texts), tuple(starts), relocated)
+
+
+def locate(context: str, text: str, start: int) -> int:
+    """`start` if `text` is there, else the occurrence of `text` nearest to it, else -1."""
+    if 0 <= start and context[start:start + len(text)] == text:
+        return start
+    found, at = [], context.find(text)
+    while at >= 0:
+        found.append(at)
+        at = context.find(text, at + 1)
+    return min(found, key=lambda at: abs(at - start)) if found else -1
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -240,10 +257,11 @@ def _truncate_questions(questions: list[str], tokenizer: PreTrainedTokenizerBase
 
 def _label(example: SquadExample, spans: list[tuple[int, int] | None]) -> tuple[int, int]:
     """Inclusive token (start, end) of the first gold answer in this window, or (0, 0) when it is not all inside."""
-    if example.is_impossible:
+    located = [(s, a) for s, a in zip(example.answer_starts, example.answers) if s >= 0]
+    if not located:  # unanswerable, or no answer text found in the context
         return 0, 0
-    char_start = example.answer_starts[0]
-    char_end = char_start + len(example.answers[0])
+    char_start, answer = located[0]
+    char_end = char_start + len(answer)
     context = [t for t, span in enumerate(spans) if span is not None]
     if not context or spans[context[0]][0] > char_start or spans[context[-1]][1] < char_end:
         return 0, 0

@@ -253,9 +253,6 @@ ERROR_CASES = {
     "start not int": (lambda d: _QA1(d)["answers"][0].update(answer_start="24"),
                       "qas[1].answers[0]: 'answer_start' must be an integer"),
     "no answer text": (lambda d: _QA1(d)["answers"][0].pop("text"), "qas[1].answers[0]: missing 'text'"),
-    "wrong start": (lambda d: _QA1(d)["answers"][0].update(answer_start=23),
-                    "qas[1].answers[0]: answer text 'France' not found at answer_start 23 in the context (id 'b')"),
-    "start past end": (lambda d: _QA1(d)["answers"][0].update(answer_start=400), "not found at answer_start 400"),
     "duplicate id": (_set("id", "a", _QA1), "qas[1]: duplicate id 'a'"),
     "impossible not bool": (_set("is_impossible", "yes", _QA1), "qas[1]: 'is_impossible' must be true or false"),
     "no data": (lambda d: d.pop("data"), 'a "data" list'),
@@ -286,3 +283,32 @@ def test_read_squad_bad_files(tmp_path):
         read_squad(tmp_path / "missing.json")
     with pytest.raises(PipelineError, match=r"list\.json: expected a JSON object"):
         read_squad(_write(tmp_path, "[]", "list.json"))
+
+
+def test_answers_off_their_offset_are_found_near_it_or_left_unlabelled(tmp_path, tokenizer):
+    """Published SQuAD files have answers a few characters off their `answer_start`: each is taken at
+    the occurrence of its text nearest the offset; one not in the context at all trains nothing (the
+    question is skipped in train, counted) but is still scored against in dev."""
+    from pipeline.config import FinetuneTaskConfig
+    from pipeline.tasks.data import describe, load_task
+
+    ctx = "Paris is big. Paris is the capital of France. It lies on the Seine."
+    data = _squad(_para(ctx, _qa("near", "Capital?", ("Paris", 13)),  # off by one: the 2nd "Paris" (14)
+                        _qa("exact", "River?", ("Seine", 61)),
+                        _qa("gone", "Mayor?", ("Anne Hidalgo", 3), ("Seine", 200))))
+    examples = read_squad(_write(tmp_path, data))
+    assert [e.answer_starts for e in examples] == [(14,), (61,), (-1, 61)]
+    assert [e.relocated for e in examples] == [1, 0, 1] and not examples[2].unlocated
+    data["data"][0]["paragraphs"][0]["qas"][2]["answers"] = [{"text": "Anne Hidalgo", "answer_start": 3}]
+    assert read_squad(_write(tmp_path, data))[2].unlocated
+    train, dev = _write(tmp_path, data, "t.json"), _write(tmp_path, data, "d.json")
+    task = FinetuneTaskConfig(name="sq", kind="squad", train=train, dev=dev, max_seq_len=64, doc_stride=16,
+                              max_query_len=16)
+    loaded = load_task(task, tokenizer)
+    assert [e.id for e in loaded.splits["train"].examples] == ["near", "exact"]
+    assert [e.id for e in loaded.splits["dev"].examples] == ["near", "exact", "gone"]
+    assert ("train: 1 answer(s) found near, not at, their answer_start; 1 question(s) whose answer text is not in "
+            "the context, skipped for training") in describe(loaded)
+    features = loaded.splits["train"].features
+    first = features.input_ids[0, features.start_positions[0]:features.end_positions[0] + 1]
+    assert tokenizer.decode(first).lower() == "paris"
