@@ -228,7 +228,7 @@ class FinetuneTaskConfig(Section):
     train: Path  # TSV/CSV/JSONL (classification, regression) or SQuAD JSON
     dev: Path
     test: Path | None = None  # predictions are written; metrics too when it has labels
-    format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"  # auto: from the file name
+    format: Literal["auto", "tsv", "csv", "jsonl", "parquet"] = "auto"  # auto: from the file name
     text_column: str = "sentence"
     text_pair_column: str | None = None  # sentence-pair tasks (MRPC, MNLI, ...)
     label_column: str = "label"

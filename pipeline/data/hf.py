@@ -29,16 +29,38 @@ def parquet_files(source: SourceConfig, source_index: int) -> list[str]:
     return sorted(dict.fromkeys(found))
 
 
+def _readable_parquet(files: list[str], source_index: int) -> list[str]:
+    """The files with rows, after reading each footer: datasets' own errors do not name the file, and it
+    fails on a file without rows."""
+    import pyarrow.parquet as pq
+
+    keep = []
+    for path in files:
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for damaged or foreign files
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise StageInputError(f"data.sources.{source_index}.paths: {path}: not readable as parquet ({first})") \
+                from None
+        if rows:
+            keep.append(path)
+    if not keep:
+        raise StageInputError(f"data.sources.{source_index}.paths: no rows in {len(files)} parquet file(s)")
+    return keep
+
+
 def _load(source: SourceConfig, source_index: int = 0):
     import datasets
 
     datasets.logging.set_verbosity_error()  # no progress bars per unit
     path = source.paths[0]
     if source.kind == "parquet":
-        files = parquet_files(source, source_index)
+        files = _readable_parquet(parquet_files(source, source_index), source_index)
         try:
             ds = datasets.load_dataset("parquet", data_files=files, split="train")
         except Exception as exc:  # pyarrow and datasets raise many kinds for a file that is not parquet
+            while exc.__cause__ is not None:  # datasets wraps pyarrow's reason, which names the file
+                exc = exc.__cause__
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise StageInputError(f"data.sources.{source_index}.paths: not readable as parquet: {first}") from None
     else:

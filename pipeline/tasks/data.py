@@ -93,10 +93,12 @@ def read_table(task: FinetuneTaskConfig, split: str) -> pd.DataFrame:
     try:
         if fmt == "jsonl":
             frame = pd.read_json(path, lines=True, dtype=False)
+        elif fmt == "parquet":  # GLUE and most tasks on the HF hub
+            frame = pd.read_parquet(path)
         else:  # GLUE's TSVs contain unbalanced quotes: read them unquoted, as their own scripts do
             frame = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False,
                                 quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{_where(task, split)}: {path} is not a readable {fmt} table: {first}") from None
     if frame.empty:
@@ -107,12 +109,12 @@ def read_table(task: FinetuneTaskConfig, split: str) -> pd.DataFrame:
 def _format_of(path: Path, task: FinetuneTaskConfig, split: str) -> str:
     suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".zst", ".xz")]
     ext = suffixes[-1].lstrip(".") if suffixes else ""
-    if ext in ("tsv", "csv", "jsonl"):
+    if ext in ("tsv", "csv", "jsonl", "parquet"):
         return ext
     if ext == "json":
         return "jsonl"
     raise ConfigError(f"{_where(task, split)}: cannot tell the format of {path} from its name; set "
-                      f"{_where(task, 'format')} to tsv, csv or jsonl")
+                      f"{_where(task, 'format')} to tsv, csv, jsonl or parquet")
 
 
 def _column(frame: pd.DataFrame, name: str, task: FinetuneTaskConfig, field: str, split: str) -> list:

@@ -79,6 +79,28 @@ def test_hf_dataset_on_disk(tmp_path):
         plan_dataset_units(bad, 0, 200, 0)
 
 
+def test_parquet_files_through_datasets(tmp_path, bbc_sample):
+    """Two parquet files (as the HF hub serves corpora), a directory naming them: every document once, in
+    file order, split into row units; a file that is not parquet is one line naming the source."""
+    import pandas as pd
+
+    from pipeline.data.hf import plan_dataset_units
+
+    articles = [" ".join(p.read_text(errors="replace").split()) for p in sorted(bbc_sample.rglob("*.txt"))[:30]]
+    (tmp_path / "corpus").mkdir()
+    for i, part in enumerate((articles[:12], articles[12:])):
+        pd.DataFrame({"text": part, "n": range(len(part))}).to_parquet(tmp_path / "corpus" / f"train-{i:05d}.parquet")
+    source = SourceConfig(kind="parquet", paths=[str(tmp_path / "corpus")])
+    units = plan_dataset_units(source, 0, unit_bytes=20_000, first_index=0)
+    assert len(units) > 1 and units[-1].rows[1] == len(articles)
+    assert [d for u in units for d in iter_unit_docs(u, source, 10**6, Counter())] == articles
+    (tmp_path / "corpus" / "train-00002.parquet").write_text("not parquet")
+    with pytest.raises(StageInputError, match=r"^data.sources.0.paths: .*train-00002.parquet: not readable as parquet"):
+        plan_dataset_units(source, 0, 20_000, 0)
+    with pytest.raises(StageInputError, match="matches no parquet file"):
+        plan_dataset_units(SourceConfig(kind="parquet", paths=[str(tmp_path / "nothing")]), 0, 20_000, 0)
+
+
 def test_bad_input_is_counted_and_skipped(tmp_path):
     (tmp_path / "utf8.txt").write_bytes(b"caf\xe9 au lait\n\ngood text\n")
     (tmp_path / "binary.txt").write_bytes(b"\x7fELF\x00\x00\x01" * 100)

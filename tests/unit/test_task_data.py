@@ -44,6 +44,22 @@ def test_labels_are_inferred_sorted_and_mapped(tmp_path, tokenizer):
     assert tokenizer.decode(batch["input_ids"][1][batch["attention_mask"][1].bool()]) == '[CLS] a " quoted " one [SEP]'
 
 
+def test_parquet_task_files_as_the_hf_hub_serves_glue(tmp_path, tokenizer):
+    """GLUE on the hub: parquet with integer labels; a damaged file is one line naming it."""
+    import pandas as pd
+
+    for name, rows in (("train", [("good film", 1), ("bad film", 0), ("fine", 1)]), ("dev", [("awful", 0)])):
+        pd.DataFrame(rows, columns=["sentence", "label"]).to_parquet(tmp_path / f"{name}-00000-of-00001.parquet")
+    task = FinetuneTaskConfig(name="sst2", kind="classification", train=tmp_path / "train-00000-of-00001.parquet",
+                              dev=tmp_path / "dev-00000-of-00001.parquet")
+    data = load_task(task, tokenizer)
+    assert data.labels == ["0", "1"] and data.splits["train"].labels.tolist() == [1, 0, 1]
+    (tmp_path / "dev-00000-of-00001.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(ConfigError, match=r"^finetune.tasks\[sst2\].dev: .*dev-00000-of-00001.parquet is not a "
+                                          "readable parquet table"):
+        load_task(task, tokenizer)
+
+
 def test_given_label_order_is_kept(tmp_path, tokenizer):
     data = load_task(_task(tmp_path, labels=["pos", "neg"]), tokenizer)
     assert data.splits["dev"].labels.tolist() == [0, 1]
