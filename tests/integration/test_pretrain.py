@@ -59,16 +59,26 @@ def _digests(stage: Path) -> dict:
     return {(r["phase"], r["step"]): r["rows_digest"] for r in rows if "rows_digest" in r}
 
 
+def _run_stage(config: Path, hostfile: str = "") -> subprocess.CompletedProcess:
+    """`launch/run_stage.sh pretrain CONFIG [HOSTFILE]`, as a user starts a stage (no hostfile: one rank)."""
+    return subprocess.run(["bash", "launch/run_stage.sh", "pretrain", str(config), hostfile], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
 def _kill9_after(config: Path, stage: Path, steps: int) -> None:
-    """Start a pretrain and kill -9 it once `steps` steps are logged."""
-    runner = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain", "--config", str(config)], cwd=REPO,
-                              env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start a pretrain through the launch script and kill -9 every process of it once `steps` steps are logged."""
+    import psutil
+
+    runner = subprocess.Popen(["bash", "launch/run_stage.sh", "pretrain", str(config), ""], cwd=REPO, env=cli_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and runner.poll() is None:
         if (stage / "metrics.jsonl").exists() and len(_digests(stage)) >= steps:
             break
         time.sleep(0.02)
-    runner.send_signal(signal.SIGKILL)
+    for child in psutil.Process(runner.pid).children(recursive=True):
+        child.kill()
+    runner.kill()
     runner.wait()
     assert json.loads((stage / "stage.json").read_text())["status"] == "running"
 
@@ -97,7 +107,7 @@ def test_kill9_at_a_random_step_resumes_bit_identically(prepared, straight):
     # anywhere in phase 0 or early phase 1, random so CI runs cover both; PIPELINE_TEST_KILL_AT=N replays a failure
     kill_at = int(os.environ.get("PIPELINE_TEST_KILL_AT", 0)) or random.Random().randint(5, 18)
     _kill9_after(config, stage, kill_at)
-    resumed = run_cli("pretrain", "--config", str(config))
+    resumed = _run_stage(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_as_straight(root, stage, f"killed at {kill_at}")
     record = json.loads((stage / "stage.json").read_text())
@@ -110,7 +120,7 @@ def test_kill9_at_a_random_step_resumes_bit_identically(prepared, straight):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["truncated newest checkpoint"])  # latest.json lost: test_checkpoint_integrity
+@pytest.mark.parametrize("fault", ["truncated newest checkpoint", "latest.json deleted"])
 def test_a_damaged_checkpoint_or_lost_latest_json_resumes_bit_identically(prepared, straight, fault):
     root, base = prepared
     name = "damaged" if fault.startswith("truncated") else "nolatest"
@@ -124,7 +134,7 @@ def test_a_damaged_checkpoint_or_lost_latest_json_resumes_bit_identically(prepar
         biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
     else:
         (ckpt / "latest.json").unlink()
-    resumed = run_cli("pretrain", "--config", str(config))
+    resumed = _run_stage(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_as_straight(root, stage, fault)
     if name == "damaged":
@@ -233,7 +243,7 @@ def test_a_stop_signal_saves_the_step_and_the_same_command_resumes_bit_identical
     assert record["status"] == "stopped" and sig.name in record["error"]
     saved = json.loads((stage / "checkpoints" / "latest.json").read_text())
     assert saved["step"] >= 6 and not _left_running(config)
-    resumed = run_cli("pretrain", "--config", str(config))  # the same command
+    resumed = _run_stage(config)  # the same command
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed phase 0 at step {saved['step']}" in resumed.stderr + resumed.stdout
     _same_as_straight(root, stage, f"{sig.name} at step {saved['step']}")
@@ -245,7 +255,7 @@ def test_the_deadline_saves_and_stops_before_it(prepared, straight):
     config = _variant(root, base, "deadline", run={"deadline": "1s", "deadline_margin_minutes": 0.0},
                       pretrain={"checkpoint_every": 100})
     stage = root / "runs" / "deadline" / "pretrain"
-    stopped = run_cli("pretrain", "--config", str(config))
+    stopped = _run_stage(config)
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     assert "stopped: the deadline: saved phase" in stopped.stderr
     assert json.loads((stage / "stage.json").read_text())["status"] == "stopped"
@@ -302,7 +312,7 @@ def test_damaged_shards_stop_the_run_before_training_with_one_line(prepared, dam
         shard.write_bytes(bytes(data))
     else:
         shard.write_bytes(bytes(data[: len(data) // 2]))
-    proc = run_cli("pretrain", "--config", str(config))
+    proc = _run_stage(config)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(shard) in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -354,7 +364,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resum
         config = _variant(root, base, "full", run={"root": str(small / "runs")})
         shutil.copytree(root / "runs" / "base" / "prepare", small / "runs" / "full" / "prepare")
         stage = small / "runs" / "full" / "pretrain"
-        proc = run_cli("pretrain", "--config", str(config))
+        proc = _run_stage(config)
         assert proc.returncode == 2, proc.stderr[-3000:]
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "no space left on device" in errors[0] and "MB are free" in errors[0], \
@@ -365,7 +375,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_resum
         kept = json.loads((stage / "checkpoints" / "latest.json").read_text())["tag"]
         assert verify(stage / "checkpoints" / kept) is None
         subprocess.run(["mount", "-o", "remount,size=96m", str(small)], check=True)
-        resumed = run_cli("pretrain", "--config", str(config))
+        resumed = _run_stage(config)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         _same_as_straight(root, stage, "disk full")
     finally:
