@@ -18,6 +18,13 @@ from pipeline.stopping import StopRequests
 def run_command(command: str, config_path: str, overrides: list[str], force: bool) -> int:
     cfg = load_config(config_path, overrides)
     stop = StopRequests(cfg.run.stop_signals, cfg.run.deadline_at(time.time()))  # before any work starts
+    try:
+        return _run(command, cfg, force, stop)
+    finally:
+        stop.close()
+
+
+def _run(command: str, cfg, force: bool, stop: StopRequests) -> int:
     dist = Dist(detect(os.environ), cfg.distributed.timeout_minutes, cfg.distributed.backend)
     log = setup_logging(dist.rank)
     specs = stage_specs()

@@ -24,8 +24,15 @@ REASONS = {1: "a stop signal", 2: "the deadline"}
 class StopRequests:
     def __init__(self, signals: list[str], deadline: float | None):
         self.deadline, self.received, self.listening = deadline, None, False
+        self.signals = signals
         for name in signals:
             signal.signal(getattr(signal, name), self._handle)
+
+    def close(self) -> None:
+        """The command is over (its record written, its one line on the way): a signal now, e.g. the
+        launcher cleaning up after a lost rank, must not raise inside the interpreter's exit."""
+        for name in self.signals:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
     def _handle(self, signum: int, frame) -> None:
         self.received = signal.Signals(signum).name
