@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.config import load_config
 from tests.conftest import REPO, run_cli
 
@@ -22,6 +24,7 @@ def test_flagship_is_a_complete_recipe():
     assert cfg.optimizer.name == "lamb" and cfg.model.preset == "base" and cfg.finetune.tasks
 
 
+@pytest.mark.long  # the recipe itself is checked above; make demo runs every stage on CPU
 def test_flagship_runs_every_stage_on_cpu_with_size_overrides(tmp_path, bbc_sample):
     tasks = REPO / ".cache" / "tasks" / "bbc"
     rows = (tasks / "train.tsv").read_text().splitlines()

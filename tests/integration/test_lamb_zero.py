@@ -38,7 +38,8 @@ def test_zero2_two_ranks_match_one_rank_without_zero(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [(1, 2), (2, 1)], ids=["1-to-2-ranks", "2-to-1-ranks"])
+@pytest.mark.parametrize("ranks", [(1, 2), pytest.param((2, 1), marks=pytest.mark.long)],
+                         ids=["1-to-2-ranks", "2-to-1-ranks"])
 def test_a_zero2_checkpoint_resumes_exactly_on_another_number_of_ranks(tmp_path, ranks):
     """10 steps on one number of ranks, 10 more on the other from its checkpoint (re-cut through
     DeepSpeed's universal format) end where 20 uninterrupted steps end: the optimizer's moments and step

@@ -27,6 +27,7 @@ SEQ, BATCH, STEPS, LOG = 128, 16, 15, 3
 
 
 @pytest.mark.slow
+@pytest.mark.long  # bench/plan_validation.py measures it
 def test_compute_model_predicts_a_cpu_pretrain_step_within_20_percent(tmp_path, bbc_sample):
     sets = [f"run.root={tmp_path}", "run.name=compute",
             f"data.sources=[{{kind: text, paths: [{bbc_sample}], doc_split: file}}]", "data.workers=1",

@@ -185,6 +185,7 @@ def test_zero_stages_precisions_and_accumulation_on_1_and_2_ranks(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the 2-rank SIGTERM test launches the same way
 def test_two_ranks_through_the_deepspeed_launcher(prepared):
     root, base = prepared
     config = _variant(root, base, "launcher", pretrain={

@@ -18,6 +18,7 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
 @pytest.mark.slow
+@pytest.mark.long  # make demo runs search -> prune -> retrain
 def test_search_prune_retrain(tmp_path, bbc_sample):
     cfg = {"run": {"name": "eb", "root": str(tmp_path / "runs")},
            "data": {"sources": [{"kind": "text", "paths": [str(bbc_sample)], "doc_split": "file"}],
@@ -80,6 +81,7 @@ def test_masks_under_bf16_are_drawn_from_the_fp32_masters(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # resume exactness: the pretrain kill -9 test
 def test_search_killed_at_a_random_step_finds_the_same_ticket(tmp_path, bbc_sample):
     import os
     import random
