@@ -16,7 +16,7 @@ STAMP      := $(VENV)/.installed
 
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup data demo test test-long bench lint prepare pretrain search prune retrain finetune run-all env plan clean-runs
+.PHONY: setup data demo test test-long bench lint prepare pretrain search prune retrain finetune run-all report env plan clean-runs
 
 setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
@@ -34,6 +34,10 @@ data: setup
 prepare pretrain search prune retrain finetune run-all: setup
 prepare finetune run-all: data
 	bash launch/run_stage.sh $@ $(CONFIG) "$(HOSTFILE)" $(SET)
+
+# the run's page, <run>/report/report.md, from its directory (run-all ends with it); one process
+report: setup
+	bash launch/run_stage.sh report $(CONFIG) "" $(SET)
 
 env: setup
 	bash launch/run_stage.sh env "" "$(HOSTFILE)"

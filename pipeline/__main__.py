@@ -3,7 +3,8 @@
 Commands: the stages (prepare, pretrain, search, prune, retrain, finetune), `run-all` (every
 available stage in order, each skipped when up to date), `env` (what each rank of this
 launch sees, checked over a real process group), `plan` (days and cost on a cluster) and
-`hostfile` (check a hostfile before a launch uses it).
+`hostfile` (check a hostfile before a launch uses it) and `report` (the run's page with figures,
+`<run>/report/report.md`, rebuilt from the run directory).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for stage in ORDER:
         commands.add_parser(stage, parents=[staged], help=f"run the {stage} stage")
     commands.add_parser("run-all", parents=[staged], help="run every available stage in order")
+    commands.add_parser("report", parents=[staged], help="write <run>/report/report.md and its figures")
     plan = commands.add_parser("plan", parents=[common], help="days and cost of the run config on a cluster")
     plan.add_argument("--config", required=True, help="run config (YAML)")
     plan.add_argument("--cluster", required=True, help="cluster description (YAML, see clusters/)")
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.plan.command import run_plan
 
             return run_plan(args.config, args.cluster, args.overrides, args.json, args.budget_days)
+        if args.command == "report":
+            from pipeline.report.command import run_report
+
+            return run_report(args.config, args.overrides)
         from pipeline.cli import run_command
 
         return run_command(args.command, args.config, args.overrides, args.force)

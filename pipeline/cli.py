@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from rich.table import Table
@@ -10,6 +11,8 @@ from rich.table import Table
 from pipeline.config import load_config
 from pipeline.console import print_table, setup_logging
 from pipeline.dist import Dist, detect
+from pipeline.report.provenance import record_command
+from pipeline.rundir import RunDir
 from pipeline.runner import run_stage
 from pipeline.stages import ORDER, stage_specs
 from pipeline.stopping import StopRequests
@@ -33,6 +36,8 @@ def _run(command: str, cfg, force: bool, stop: StopRequests) -> int:
         names.remove("finetune")  # nothing to fine-tune on: the run ends with its pretrained models
     log.info(f"run {cfg.run.name} in {cfg.run.root / cfg.run.name}: {', '.join(names)} "
              f"({dist.world_size} rank{'s' if dist.world_size > 1 else ''}, {dist.env.launcher} launch)")
+    if dist.is_main:
+        record_command(RunDir(cfg.run.root, cfg.run.name).path, sys.argv, dist.world_size, dist.env.launcher)
     records = [run_stage(name, cfg, dist, force=force, stop=stop) for name in names]
     if command == "run-all":
         table = Table(title=f"run {cfg.run.name}")
@@ -47,6 +52,10 @@ def _run(command: str, cfg, force: bool, stop: StopRequests) -> int:
 
             print_table(dist.rank, comparison_table(cfg), min_width=180)
     dist.shutdown()
+    if command == "run-all" and dist.is_main:  # the page to open comes last (one process draws it)
+        from pipeline.report.command import write_report
+
+        log.info(f"report: {write_report(cfg)}")
     return 0
 
 

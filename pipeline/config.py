@@ -252,8 +252,9 @@ class FinetuneEarlyBertConfig(Section):
 
 
 class FinetuneConfig(Section):
-    # what to fine-tune: stage names (pretrain, retrain: their export; prune: the pruned weights)
-    # and/or HF BERT directories; every one on every task, compared side by side
+    # what to fine-tune: stage names (pretrain, retrain: their export; prune: the pruned weights),
+    # scratch (pretrain's architecture from random weights: the control) and/or HF BERT
+    # directories; every one on every task, compared side by side
     models: list[str] = Field(default_factory=lambda: ["pretrain"], min_length=1)
     tasks: list[FinetuneTaskConfig] = Field(default_factory=list)
     epochs: PosInt = 3
@@ -276,8 +277,8 @@ class FinetuneConfig(Section):
             raise ValueError(f"models must be unique, got {self.models}")
         for model in self.models:
             if model in ("prepare", "search", "finetune"):
-                raise ValueError(f"'{model}' writes no model to fine-tune; use pretrain, retrain, prune or an HF "
-                                 "BERT directory")
+                raise ValueError(f"'{model}' writes no model to fine-tune; use pretrain, retrain, prune, scratch "
+                                 "or an HF BERT directory")
         return self
 
 

@@ -10,6 +10,7 @@ and, on CPU with the same settings, ends with bit-identical weights.
 from __future__ import annotations
 
 import sys
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,7 +169,8 @@ class Trainer:
         log_every, eval_every = self.cfg.pretrain.log_every, self.cfg.pretrain.eval_every
         stats = StepStats()
         if state.step == 0 and eval_batches:
-            state.history["initial_eval_loss"] = self._evaluate(engine, eval_batches)
+            state.history["initial_eval_loss"], state.history["initial_eval_acc"] = \
+                self._evaluate(engine, eval_batches)
         with progress(self.dist.rank) as bar:
             task = bar.add_task(f"phase {plan.index} (seq {plan.seq_len})", total=plan.steps, completed=state.step)
             stop = False
@@ -183,9 +185,10 @@ class Trainer:
                 if state.step % log_every == 0 or last:
                     record.update(self._log_record(engine, plan, state, stats.flush(self.dist)))
                 if eval_batches and (state.step % eval_every == 0 or last):
-                    record["eval_loss"] = self._evaluate(engine, eval_batches)
+                    record["eval_loss"], record["eval_acc"] = self._evaluate(engine, eval_batches)
                     record["eval_ppl"] = float(torch.exp(torch.tensor(min(record["eval_loss"], 50.0))))
                     state.history["final_eval_loss"] = record["eval_loss"]
+                    state.history["final_eval_acc"] = record["eval_acc"]
                 if len(record) > 2:
                     metrics.write(record)
                     self._log_line(record, plan)
@@ -225,7 +228,7 @@ class Trainer:
             return  # the progress bar shows it
         parts = [f"phase {plan.index} step {record['step']}/{plan.steps}"]
         for key, fmt in (("loss", ".4f"), ("mlm_acc", ".3f"), ("lr", ".2e"), ("tokens_per_s", ",.0f"),
-                         ("mfu", ".3f"), ("eval_loss", ".4f")):
+                         ("mfu", ".3f"), ("eval_loss", ".4f"), ("eval_acc", ".3f")):
             if record.get(key) is not None:
                 parts.append(f"{key} {record[key]:{fmt}}")
         self.ctx.log.info("  ".join(parts))
@@ -257,20 +260,23 @@ class Trainer:
                 "comm_bytes_per_step": comm,
                 "mlm_acc": stats["mlm_acc"], "lr": engine.lr(), "grad_norm": engine.grad_norm(),
                 "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / plan.seq_len, "mfu": flops / peak,
-                "tokens": state.tokens, "rows_digest": stats["rows_digest"]}
+                "tokens": state.tokens, "rows_digest": stats["rows_digest"], "time": time.time()}
 
     @torch.no_grad()
-    def _evaluate(self, engine: Engine, batches: list[dict]) -> float:
+    def _evaluate(self, engine: Engine, batches: list[dict]) -> tuple[float, float]:
+        """Validation MLM loss (nats per masked token) and accuracy over the fixed evaluation batches."""
         engine.module.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64)
         for batch in batches:
             batch = {k: v for k, v in batch.items() if k != "rows"}
             out = engine(**batch)
-            sums += torch.tensor([float(out.mlm_loss) * float(out.masked), float(out.masked)], dtype=torch.float64)
+            sums += torch.tensor([float(out.mlm_loss) * float(out.masked), float(out.correct), float(out.masked)],
+                                 dtype=torch.float64)
         engine.module.train()
         if self.dist.world_size > 1:
             tdist.all_reduce(sums)
-        return float(sums[0] / sums[1].clamp(min=1))
+        masked = sums[2].clamp(min=1)
+        return float(sums[0] / masked), float(sums[1] / masked)
 
     def _resume(self, engine: Engine, loader: PretrainLoader, plan: PhasePlan, position) -> PhaseState:
         if position is None:

@@ -70,6 +70,10 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def token_arrays(self) -> list[np.memmap]:
+        """Each shard's rows, memory-mapped [rows, seq_len] (e.g. for corpus statistics)."""
+        return list(self._tokens)
+
     @property
     def has_pairs(self) -> bool:
         return self._pairs is not None

@@ -31,8 +31,8 @@ class StageSpec:
 
 def _finetune_needs(cfg: RunConfig) -> tuple[str, ...]:
     # finetune starts from stages' exports and/or HF BERT directories on disk; the pruned
-    # weights carry no tokenizer, so those read prepare's
-    stages = [m for m in cfg.finetune.models if m in ORDER]
+    # weights carry no tokenizer, so those read prepare's; scratch is pretrain's architecture
+    stages = [("pretrain" if m == "scratch" else m) for m in cfg.finetune.models if m in ORDER or m == "scratch"]
     if "prune" in stages:
         stages.append("prepare")
     return tuple(dict.fromkeys(stages))

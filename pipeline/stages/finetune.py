@@ -1,6 +1,7 @@
 """finetune: every configured model on every configured task, standard and (optionally) EarlyBERT, compared.
 
-For each model (a stage's export, the pruned weights, or an HF BERT directory) and task:
+For each model (a stage's export, the pruned weights, `scratch` — the dense architecture from random
+weights, the control — or an HF BERT directory) and task:
   standard    fine-tune all weights: AdamW, linear warmup/decay, dev evaluation every epoch,
               best epoch kept (`best/`), dev and test predictions written;
   earlybert   (finetune.earlybert.enabled, dense models only) search a ticket on the task,
@@ -30,6 +31,7 @@ from pipeline.tasks.data import TaskData, describe, load_task, write_predictions
 from pipeline.tasks.earlybert import search_ticket
 from pipeline.tasks.loop import FineTuner, FitPlan, TaskObjective
 from pipeline.tasks.model import (
+    STAGE_MODELS,
     ModelSource,
     build_task_model,
     count_encoder_parameters,
@@ -43,7 +45,7 @@ from pipeline.tasks.model import (
 def input_fingerprints(cfg) -> dict[str, str]:
     """Task files and outside model directories (path, size, mtime): a changed file reruns the stage."""
     paths = [getattr(t, s) for t in cfg.finetune.tasks for s in ("train", "dev", "test") if getattr(t, s)]
-    paths += [Path(m) / "model.safetensors" for m in cfg.finetune.models if m not in ("pretrain", "retrain", "prune")]
+    paths += [Path(m) / "model.safetensors" for m in cfg.finetune.models if m not in STAGE_MODELS]
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if Path(p).exists() else (str(p), None, None)
              for p in map(Path, paths)]
     return {"finetune_files": sha256_json(stats)}
@@ -64,7 +66,7 @@ def run(ctx: StageContext) -> StageResult:
             data = load_task(task, tokenizer)
             ctx.log.info(f"{source.label}: {describe(data)}")
             results.append(_variant(ctx, tuner, source, data, tokenizer, "standard"))
-            if cfg.earlybert.enabled and source.plan() is None:
+            if cfg.earlybert.enabled and source.plan() is None and not source.random_init:
                 results.append(_variant(ctx, tuner, source, data, tokenizer, "earlybert"))
     rows = comparison_rows(results, ctx.run_dir.path)
     table, markdown = render(rows, [t.name for t in cfg.tasks], ctx.cfg.run.name)

@@ -26,7 +26,7 @@ from pipeline.earlybird import EarlyBirdDetector, draw_masks, random_masks
 from pipeline.model.bert import PretrainObjective, bert_config, build_model, train_flops_per_token
 from pipeline.model.gates import SlimmingGates, gates_for
 from pipeline.model.prune import plan_summary
-from pipeline.report import plot_search
+from pipeline.report.search_plots import plot_search
 from pipeline.rundir import atomic_write_json
 from pipeline.runner import StageContext, StageResult
 from pipeline.stages.pretrain import checked_tokenizer

@@ -17,7 +17,7 @@ from rich.table import Table
 from pipeline.tasks.metrics import primary_metric
 
 SHOWN_AS = {"pretrain": "pretrain (dense)", "retrain": "retrain (EarlyBERT ticket)",
-            "prune": "prune (ticket, not retrained)"}
+            "prune": "prune (ticket, not retrained)", "scratch": "scratch (random init, control)"}
 PRETRAIN_STAGES = {"pretrain": ("pretrain",), "retrain": ("search", "prune", "retrain"),
                    "prune": ("search", "prune")}
 
@@ -37,6 +37,8 @@ def _stage_cost(stage_dir: Path) -> tuple[float, float] | None:
 
 
 def pretraining_cost(run_dir: Path, model: str) -> dict | None:
+    if model == "scratch":
+        return {"stages": "none", "seconds": 0.0, "flops": 0.0}
     stages = PRETRAIN_STAGES.get(model)
     if stages is None:
         return None  # an outside checkpoint: its cost is not ours to know
@@ -59,6 +61,8 @@ def comparison_rows(results: list[dict], run_dir: Path) -> list[dict]:
     dense = rows.get(("pretrain", "standard"))
     for row in rows.values():
         base, own = (dense or {}).get("pretraining"), row["pretraining"]
+        if row["model"] == "scratch":  # no pretraining is not a saving
+            base = None
         row["pretraining_saving"] = (1 - own["seconds"] / base["seconds"]) if base and own and base["seconds"] else None
         row["pretraining_flops_saving"] = (1 - own["flops"] / base["flops"]) if base and own and base["flops"] else None
     return list(rows.values())

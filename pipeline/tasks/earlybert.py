@@ -16,7 +16,7 @@ from pipeline.config import FinetuneConfig
 from pipeline.earlybird import random_masks
 from pipeline.model.gates import gates_for
 from pipeline.model.prune import plan_summary
-from pipeline.report import plot_search
+from pipeline.report.search_plots import plot_search
 from pipeline.rundir import atomic_write_json
 from pipeline.stages.search import TicketTracker
 from pipeline.tasks.data import TaskData

