@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.report.provenance import read_commands
+from pipeline.report.provenance import read_commands, read_jsonl
 from pipeline.stages import ORDER
 
 TRAINING = ("pretrain", "search", "retrain")  # stages that write metrics.jsonl
@@ -58,16 +58,8 @@ def _stage(path: Path, name: str) -> StageInfo | None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl; a line cut short (a kill during a write) is skipped, not fatal to the report."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return with_cumulative_tokens(records)
+    """metrics.jsonl with tokens seen; a torn line is skipped, not fatal to the report."""
+    return with_cumulative_tokens(read_jsonl(path))
 
 
 def with_cumulative_tokens(records: list[dict]) -> list[dict]:

@@ -62,14 +62,18 @@ def record_command(run_dir: Path, argv: list[str], world_size: int, launcher: st
         handle.write(json.dumps(entry) + "\n")
 
 
-def read_commands(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / COMMANDS
-    if not path.exists():
+def read_jsonl(path: Path) -> list[dict]:
+    """One object per line; a line cut short (a kill or a full disk mid-write) is skipped, the rest counts."""
+    if not Path(path).exists():
         return []
     entries = []
-    for line in path.read_text().splitlines():
+    for line in Path(path).read_text().splitlines():
         try:
             entries.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a line cut by a full disk: the rest still counts
+            continue
     return entries
+
+
+def read_commands(run_dir: Path) -> list[dict]:
+    return read_jsonl(Path(run_dir) / COMMANDS)
