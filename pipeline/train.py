@@ -23,6 +23,7 @@ from pipeline import checkpoint
 from pipeline.config import RunConfig
 from pipeline.console import progress
 from pipeline.data.loader import PretrainLoader, ShardSet
+from pipeline.data.masking import IGNORE
 from pipeline.data.verify import verify_shards
 from pipeline.engine import BatchPlan, Engine, ds_config, save_ds_config
 from pipeline.errors import ConfigError, StageInputError, Stopped
@@ -159,7 +160,7 @@ class Trainer:
             raise StageInputError(f"validation split: {exc} (data.validation_fraction: 0 trains without "
                                   "evaluation)") from None
         n = min(self.cfg.pretrain.eval_batches, valid.batches_per_epoch)
-        return train, [valid.make_batch(0, i) for i in range(n)]
+        return train, [_with_mask_only_labels(valid.make_batch(0, i), valid.shards.info.mask_id) for i in range(n)]
 
     def _run_phase(self, plan: PhasePlan, position, metrics: MetricsLog) -> tuple[Engine, dict]:
         resharded = bool(position and position.phase == plan.index and position.resharded(self.dist.world_size))
@@ -169,8 +170,7 @@ class Trainer:
         log_every, eval_every = self.cfg.pretrain.log_every, self.cfg.pretrain.eval_every
         stats = StepStats()
         if state.step == 0 and eval_batches:
-            state.history["initial_eval_loss"], state.history["initial_eval_acc"] = \
-                self._evaluate(engine, eval_batches)
+            state.history.update({f"initial_{k}": v for k, v in self._evaluate(engine, eval_batches).items()})
         with progress(self.dist.rank) as bar:
             task = bar.add_task(f"phase {plan.index} (seq {plan.seq_len})", total=plan.steps, completed=state.step)
             stop = False
@@ -185,10 +185,9 @@ class Trainer:
                 if state.step % log_every == 0 or last:
                     record.update(self._log_record(engine, plan, state, stats.flush(self.dist)))
                 if eval_batches and (state.step % eval_every == 0 or last):
-                    record["eval_loss"], record["eval_acc"] = self._evaluate(engine, eval_batches)
-                    record["eval_ppl"] = float(torch.exp(torch.tensor(min(record["eval_loss"], 50.0))))
-                    state.history["final_eval_loss"] = record["eval_loss"]
-                    state.history["final_eval_acc"] = record["eval_acc"]
+                    scores = self._evaluate(engine, eval_batches)
+                    record.update(scores, eval_ppl=float(torch.exp(torch.tensor(min(scores["eval_loss"], 50.0)))))
+                    state.history.update({f"final_{k}": v for k, v in scores.items()})
                 if len(record) > 2:
                     metrics.write(record)
                     self._log_line(record, plan)
@@ -228,7 +227,8 @@ class Trainer:
             return  # the progress bar shows it
         parts = [f"phase {plan.index} step {record['step']}/{plan.steps}"]
         for key, fmt in (("loss", ".4f"), ("mlm_acc", ".3f"), ("lr", ".2e"), ("tokens_per_s", ",.0f"),
-                         ("mfu", ".3f"), ("eval_loss", ".4f"), ("eval_acc", ".3f")):
+                         ("mfu", ".3f"), ("eval_loss", ".4f"), ("eval_acc", ".3f"),
+                         ("eval_loss_at_mask", ".4f")):
             if record.get(key) is not None:
                 parts.append(f"{key} {record[key]:{fmt}}")
         self.ctx.log.info("  ".join(parts))
@@ -263,20 +263,24 @@ class Trainer:
                 "tokens": state.tokens, "rows_digest": stats["rows_digest"], "time": time.time()}
 
     @torch.no_grad()
-    def _evaluate(self, engine: Engine, batches: list[dict]) -> tuple[float, float]:
-        """Validation MLM loss (nats per masked token) and accuracy over the fixed evaluation batches."""
+    def _evaluate(self, engine: Engine, batches: list[dict]) -> dict:
+        """Validation MLM loss (nats per masked token) and accuracy over the fixed evaluation batches, and
+        the loss at the positions whose input is [MASK]: the 10% left unchanged can be copied from the input,
+        so only this part says how much the model predicts from context."""
         engine.module.eval()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(5, dtype=torch.float64)
         for batch in batches:
-            batch = {k: v for k, v in batch.items() if k != "rows"}
-            out = engine(**batch)
-            sums += torch.tensor([float(out.mlm_loss) * float(out.masked), float(out.correct), float(out.masked)],
-                                 dtype=torch.float64)
+            at_mask = batch["mask_only_labels"]
+            batch = {k: v for k, v in batch.items() if k not in ("rows", "mask_only_labels")}
+            out, only = engine(**batch), engine(**{**batch, "labels": at_mask})
+            sums += torch.tensor([float(out.mlm_loss) * float(out.masked), float(out.correct), float(out.masked),
+                                  float(only.mlm_loss) * float(only.masked), float(only.masked)], dtype=torch.float64)
         engine.module.train()
         if self.dist.world_size > 1:
             tdist.all_reduce(sums)
-        masked = sums[2].clamp(min=1)
-        return float(sums[0] / masked), float(sums[1] / masked)
+        masked, at_mask = sums[2].clamp(min=1), sums[4].clamp(min=1)
+        return {"eval_loss": float(sums[0] / masked), "eval_acc": float(sums[1] / masked),
+                "eval_loss_at_mask": float(sums[3] / at_mask)}
 
     def _resume(self, engine: Engine, loader: PretrainLoader, plan: PhasePlan, position) -> PhaseState:
         if position is None:
@@ -314,3 +318,9 @@ class Trainer:
                                        self.dist.world_size)
         client = {"loader": loader.state_dict(), "train": state.__dict__, "phase": plan.index}
         checkpoint.save(engine, self.ckpt_dir, position, client, self.dist, self.cfg.pretrain.keep_last)
+
+
+def _with_mask_only_labels(batch: dict, mask_id: int) -> dict:
+    """The batch, plus its labels kept only where the input is [MASK] (for the evaluation's context loss)."""
+    at_mask = torch.where(batch["input_ids"] == mask_id, batch["labels"], torch.full_like(batch["labels"], IGNORE))
+    return {**batch, "mask_only_labels": at_mask}

@@ -41,7 +41,7 @@ def bert_config(cfg: ModelConfig, vocab_size: int, pad_id: int = 0) -> BertConfi
     return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=cfg.num_layers or layers,
                       num_attention_heads=heads, intermediate_size=cfg.intermediate_size or inner,
                       max_position_embeddings=cfg.max_position_embeddings, hidden_dropout_prob=cfg.dropout,
-                      attention_probs_dropout_prob=cfg.dropout, pad_token_id=pad_id)
+                      attention_probs_dropout_prob=cfg.dropout, initializer_range=cfg.init_std, pad_token_id=pad_id)
 
 
 def build_model(config: BertConfig, pairs: bool) -> BertForMaskedLM | BertForPreTraining:

@@ -42,6 +42,10 @@ def plot_quality(curves: dict[str, list[dict]], baseline: dict | None, path: Pat
             if x:
                 ax.plot(_millions(x), y, color=COLORS.get(stage), linestyle="--", marker="o", markersize=4,
                         label=f"{SHOWN.get(stage, stage)} validation")
+            x, y = _series(records, "eval_loss_at_mask") if eval_key == "eval_loss" else ([], [])
+            if x:  # where the input is [MASK]: nothing to copy, only context to predict from
+                ax.plot(_millions(x), y, color=COLORS.get(stage), linestyle=":", marker="x", markersize=4,
+                        label=f"{SHOWN.get(stage, stage)} validation, at [MASK] inputs")
         if baseline:
             ax.axhline(baseline[base_key], color="black", linestyle=":", linewidth=1.2,
                        label=f"unigram baseline ({baseline[base_key]:.3f})")

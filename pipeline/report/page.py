@@ -91,7 +91,9 @@ def _training(data: RunData, baseline: dict | None, out: Path) -> list[str]:
     if baseline:
         lines += [f"Unigram baseline (every masked token predicted from the training split's token frequencies, "
                   f"scored on all {baseline['tokens']:,} validation tokens): cross-entropy "
-                  f"**{baseline['cross_entropy']:.3f} nats**, accuracy **{baseline['accuracy']:.3f}**.", ""]
+                  f"**{baseline['cross_entropy']:.3f} nats**, accuracy **{baseline['accuracy']:.3f}**. Of the masked "
+                  f"tokens, 10% are left unchanged in the input and can be copied; the loss at [MASK] inputs "
+                  f"counts only what the model predicts from context.", ""]
     lines += training_table(data, baseline) + [""]
     lines += _image(figures.plot_quality(data.curves, baseline, out / "mlm.png"), "MLM loss and accuracy")
     lines += _image(figures.plot_lr(data.curves, out / "lr.png"), "learning rate")

@@ -29,16 +29,20 @@ def _steps(records: list[dict]) -> int:
 
 
 def training_table(data: RunData, baseline: dict | None) -> list[str]:
+    # "at [MASK]": the loss where the input is [MASK], so nothing can be copied: what context buys
     lines = ["| stage | tokens seen | steps | final train MLM loss | final validation MLM loss | below unigram "
-             "| validation accuracy | median tokens/s | median MFU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| at [MASK] inputs | below unigram | validation accuracy | median tokens/s | median MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stage, records in data.curves.items():
-        val = _last(records, "eval_loss")
-        margin = baseline["cross_entropy"] - val if baseline and val is not None else None
+        val, at_mask = _last(records, "eval_loss"), _last(records, "eval_loss_at_mask")
+        margin, mask_margin = ((baseline["cross_entropy"] - v if baseline and v is not None else None)
+                               for v in (val, at_mask))
         tps = figures.median([r.get("tokens_per_s") for r in records])
         mfu = figures.median([r.get("mfu") for r in records])
         lines.append(f"| {figures.SHOWN.get(stage, stage)} | {max(r['seen'] for r in records) / 1e6:.2f} M "
                      f"| {_steps(records):,} "
                      f"| {_fmt(_last(records, 'mlm_loss'))} | {_fmt(val)} | {_fmt(margin, '+.3f')} nats "
+                     f"| {_fmt(at_mask)} | {_fmt(mask_margin, '+.3f')} nats "
                      f"| {_fmt(_last(records, 'eval_acc'))} | {_fmt(tps, ',.0f')} | {_fmt(mfu, '.3g')} |")
     return lines
 

@@ -4,9 +4,15 @@
                    summaries in the same file are dropped; a snippet that appears twice is kept
                    once, or dropped when its copies disagree. Split by movie, so no movie's
                    reviews are on both sides.
-  bbc              BBC News articles, text -> topic (business, entertainment, politics, sport, tech).
+  bbc              BBC News articles, text -> topic (business, entertainment, politics, sport, tech);
+                   an article stored twice is kept once.
 Split membership is a hash of the grouping key (80/10/10), so it never depends on file order,
 the machine or the library versions.
+
+The demo also pretrains on these corpora, on their train split only (`unlabeled/`): the BBC
+articles and review snippets of train-split movies, without labels, plus the plot summaries of
+those movies. Domain text is what a few minutes of pretraining can learn from, and no dev or test
+text is seen before fine-tuning.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ def bbc(directory: Path) -> pd.DataFrame:
         rows.append({"text": text, "label": path.parent.name, "split": split_of(f"{path.parent.name}/{path.name}")})
     if not rows:
         raise FileNotFoundError(f"{directory}: no <class>/*.txt files")
-    return pd.DataFrame(rows)
+    # the corpus holds some articles twice under two names: one copy is kept, so none is on both sides
+    return pd.DataFrame(rows).drop_duplicates("text")
 
 
 def write_splits(frame: pd.DataFrame, out_dir: Path) -> dict[str, int]:
@@ -65,9 +72,34 @@ def write_splits(frame: pd.DataFrame, out_dir: Path) -> dict[str, int]:
     return counts
 
 
+def rotten_tomatoes_plots(csv_path: Path) -> list[str]:
+    """Plot summaries of the movies whose reviews are in the train split."""
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    plots = frame[(frame["category"] == "plot") & (frame["movie_name"] != "")]
+    return [_clean(text) for text, movie in zip(plots["text"], plots["movie_name"])
+            if split_of(movie) == "train" and _clean(text)]
+
+
+def write_unlabeled(files: dict[str, list[str]], out_dir: Path) -> dict[str, int]:
+    """One document per line, one file per part (a part is a prepare work unit)."""
+    counts = {}
+    for name, docs in files.items():
+        path, text = Path(out_dir) / f"{name}.txt", "\n".join(docs) + "\n"
+        if not path.exists() or path.read_text(encoding="utf-8") != text:  # mtime kept when unchanged
+            atomic_write_text(path, text)
+        counts[name] = len(docs)
+    return counts
+
+
 def build(corpora: Path, out: Path) -> dict[str, dict[str, int]]:
     corpora, out = Path(corpora), Path(out)
-    return {"rotten_tomatoes": write_splits(
-                rotten_tomatoes(corpora / "rotten_tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"),
-                out / "rotten_tomatoes"),
-            "bbc": write_splits(bbc(corpora / "bbc"), out / "bbc")}
+    reviews_csv = corpora / "rotten_tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"
+    reviews, news = rotten_tomatoes(reviews_csv), bbc(corpora / "bbc")
+    train_news = news[news["split"] == "train"]
+    unlabeled = {f"bbc_{topic}": list(train_news[train_news["label"] == topic]["text"])
+                 for topic in sorted(set(train_news["label"]))}
+    unlabeled["rotten_tomatoes_reviews"] = list(reviews[reviews["split"] == "train"]["sentence"])
+    unlabeled["rotten_tomatoes_plots"] = rotten_tomatoes_plots(reviews_csv)
+    return {"rotten_tomatoes": write_splits(reviews, out / "rotten_tomatoes"),
+            "bbc": write_splits(news, out / "bbc"),
+            "unlabeled": write_unlabeled(unlabeled, out / "unlabeled")}

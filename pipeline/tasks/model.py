@@ -87,15 +87,13 @@ def build_task_model(source: ModelSource, kind: str, num_labels: int, seed: int,
         raise StageInputError(f"{source.weights}: already pruned; a ticket is searched on dense models only")
     if source_plan is not None:
         prune_model(model, source_plan)
-    if source.random_init and not with_head:
-        missing = set(model.state_dict())  # every weight is the seed's
-    else:
-        missing = _load_encoder(model, source.weights / "model.safetensors", with_head)
+    scratch = source.random_init and not with_head  # every weight is the seed's
+    missing = set() if scratch else _load_encoder(model, source.weights / "model.safetensors", with_head)
     if plan is not None:  # a ticket found on this task: cut the freshly loaded (rewound) weights
         prune_model(model, plan)
     model.pruning_plan = source_plan or plan  # saved beside the weights, for `load_pruned`-style rebuilding
     # reported, so a missing pooler is not a surprise (scratch: simply "all")
-    model.fresh_weights = ["all"] if source.random_init and not with_head else sorted(missing)
+    model.fresh_weights = ["all"] if scratch else sorted(missing)
     return model
 
 

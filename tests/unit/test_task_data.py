@@ -121,3 +121,17 @@ def test_demo_split_is_a_stable_function_of_the_key():
     for i in range(5000):
         counts[split_of(f"movie {i}")] += 1
     assert 3800 < counts["train"] < 4200 and 380 < counts["dev"] < 620 and 380 < counts["test"] < 620
+
+
+def test_demo_pretraining_text_holds_no_dev_or_test_text():
+    """The demo pretrains on its tasks' train splits only (and train movies' plots): no held-out row leaks."""
+    tasks = Path(".cache/tasks")
+    if not (tasks / "unlabeled").is_dir():
+        pytest.skip("`make data` builds .cache/tasks")
+    unlabeled = {line for path in (tasks / "unlabeled").glob("*.txt")
+                 for line in path.read_text(encoding="utf-8").splitlines()}
+    for task in ("rotten_tomatoes", "bbc"):
+        for split in ("train", "dev", "test"):
+            rows = [line.split("\t")[0] for line in (tasks / task / f"{split}.tsv").read_text().splitlines()[1:]]
+            seen = sum(row in unlabeled for row in rows)
+            assert seen == (len(rows) if split == "train" else 0), (task, split, seen, len(rows))
