@@ -24,6 +24,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q -e '.[dev]'
+	# on CPU, DeepSpeed's shared-memory all-reduce op is compiled on first use (~1 min on 2 cores):
+	# built here, it is part of set-up rather than of the first stage that starts
+	DS_ACCELERATOR=cpu $(PY) -c "import torch; torch.cuda.is_available() or __import__('deepspeed.ops.op_builder.cpu.comm', fromlist=['ShareMemCommBuilder']).ShareMemCommBuilder().load()"
 	touch $@
 
 # real text by package name; the script skips what is already there
