@@ -9,9 +9,9 @@
 Split membership is a hash of the grouping key (80/10/10), so it never depends on file order,
 the machine or the library versions.
 
-The demo also pretrains on these corpora, on their train split only (`unlabeled/`): the BBC
-articles and review snippets of train-split movies, without labels, plus the plot summaries of
-those movies. Domain text is what a few minutes of pretraining can learn from, and no dev or test
+The demo also pretrains on these corpora, on their train split only (`unlabeled/`, without
+labels): the train-split BBC articles, the review snippets of train-split movies, and the plot
+summaries of those movies. Domain text is what a few minutes of pretraining can learn from, and no dev or test
 text is seen before fine-tuning.
 """
 
