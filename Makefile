@@ -16,7 +16,7 @@ STAMP      := $(VENV)/.installed
 
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup data demo test test-long bench lint prepare pretrain search prune retrain finetune run-all report env plan clean-runs
+.PHONY: setup data demo test test-long test-cluster cluster-deps bench lint prepare pretrain search prune retrain finetune run-all report env plan clean-runs
 
 setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
@@ -57,6 +57,17 @@ test: data
 
 test-long: data
 	$(PY) -m pytest -q tests
+
+# the tests that start their own cluster: two ssh hosts in network namespaces (also in `make test`)
+# and a one-node Slurm whose job chain outlives its time limit (only here)
+test-cluster: data cluster-deps
+	$(PY) -m pytest -q -m cluster tests
+
+# what those tests start, from Debian (root); without it they skip and say what is missing
+CLUSTER_DEPS := /usr/sbin/sshd /usr/bin/ssh /usr/bin/pdsh /usr/sbin/munged /usr/sbin/slurmctld /usr/sbin/slurmd
+cluster-deps:
+	@ls $(CLUSTER_DEPS) >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends openssh-server openssh-client pdsh slurm-wlm munge; }
 
 bench: data
 	PYTHON=$(PY) bash launch/fetch_corpora.sh $(CORPORA) pydoc linuxdoc

@@ -13,8 +13,12 @@ import subprocess
 from pathlib import Path
 
 NS = ("bp1host0", "bp1host1")
-DEV = ("bp1veth0", "bp1veth1")
+# Both ends carry the same name inside their namespace, as the NICs of a real cluster's nodes do, so
+# one GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME fits every host (a launcher exports one value to all).
+IFACE = "bp1eth0"
+DEV = (IFACE, IFACE)
 ADDR = ("10.231.7.1", "10.231.7.2")
+_PEERS = ("bp1veth0", "bp1veth1")  # the pair's names before each end is moved and renamed
 
 
 def sh(*cmd: str) -> str:
@@ -36,9 +40,10 @@ def make_hosts(rate: str | None = None) -> None:
     drop_hosts()
     for ns in NS:
         sh("ip", "netns", "add", ns)
-    sh("ip", "link", "add", DEV[0], "type", "veth", "peer", "name", DEV[1])
-    for ns, dev, addr in zip(NS, DEV, ADDR):
-        sh("ip", "link", "set", dev, "netns", ns)
+    sh("ip", "link", "add", _PEERS[0], "type", "veth", "peer", "name", _PEERS[1])
+    for ns, peer, dev, addr in zip(NS, _PEERS, DEV, ADDR):
+        sh("ip", "link", "set", peer, "netns", ns)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", peer, "name", dev)
         sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{addr}/24", "dev", dev)
         sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")

@@ -2,6 +2,10 @@
 # run_stage.sh COMMAND CONFIG [HOSTFILE] [--set a.b=c ...]
 # Without a hostfile: one process. With one: the deepspeed launcher, one rank per slot.
 # A hostfile that names only this machine needs no ssh, and rendezvous stays on 127.0.0.1.
+# Otherwise DeepSpeed's multi-node runner (pdsh over ssh; LAUNCHER=mpich for mpirun) starts the
+# ranks; MASTER_ADDR / MASTER_PORT, when set, name the rendezvous (else the first host's
+# `hostname -I` and 29500). The variables remote ranks need travel in DeepSpeed's env file
+# (launch/supervise.py writes it).
 # The launcher runs under launch/supervise.py: a stop signal sent to this command reaches every
 # rank (they save and exit 75), and no process outlives it.
 set -euo pipefail
@@ -21,9 +25,17 @@ fi
 # a bad hostfile is one line and exit 2 here, before any launcher reads it
 listed=$("$venv/bin/python" -m pipeline hostfile "$hostfile") || exit $?
 hosts=$(echo "$listed" | awk '{print $1}')
-if [ "$hosts" = "localhost" ] || [ "$hosts" = "127.0.0.1" ]; then
+if [ "$hosts" = "localhost" ] || [ "$hosts" = "127.0.0.1" ] || [ "$hosts" = "$(hostname)" ] \
+    || [ "$hosts" = "$(hostname -s)" ]; then
     port=${MASTER_PORT:-$((29500 + RANDOM % 1000))}
     exec "$venv/bin/python" launch/supervise.py "$venv/bin/deepspeed" --hostfile "$hostfile" --no_ssh_check \
         --master_addr 127.0.0.1 --master_port "$port" --module pipeline "${args[@]}"
 fi
-exec "$venv/bin/python" launch/supervise.py "$venv/bin/deepspeed" --hostfile "$hostfile" --module pipeline "${args[@]}"
+launcher=()
+[ -n "${LAUNCHER:-}" ] && launcher+=(--launcher "$LAUNCHER")
+[ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
+[ -n "${MASTER_PORT:-}" ] && launcher+=(--master_port "$MASTER_PORT")
+# mpich's mpirun is the venv's (pip mpich): on PATH for DeepSpeed's runner to find
+export PATH="$(cd "$venv/bin" && pwd):$PATH"
+exec "$venv/bin/python" launch/supervise.py "$venv/bin/deepspeed" --hostfile "$hostfile" "${launcher[@]}" \
+    --module pipeline "${args[@]}"

@@ -9,6 +9,13 @@ themselves (the `python -m pipeline` processes of the session): they finish the 
 with code 75, and the launcher follows. If the session is still alive after PIPELINE_STOP_GRACE_S
 seconds (default 600) it is killed; when the launcher exits, whatever is left of the session is
 killed too. The exit code is the launcher's.
+
+Ranks on other hosts start from a bare ssh shell. What they need from this one (the accelerator,
+the network interface, the extensions cache, ...) goes through DeepSpeed's own mechanism: an env
+file of KEY=VALUE lines that its multi-node runner exports on every host before it starts a rank.
+This wrapper writes that file (the forwarded variables set here, after the lines of the user's
+~/.deepspeed_env and ./.deepspeed_env, which DeepSpeed would otherwise read), points DS_ENV_FILE
+at it for the launcher, and removes it at exit.
 """
 
 from __future__ import annotations
@@ -17,11 +24,37 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import psutil
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+# what every rank needs to see as the launching shell does; PYTHON* DeepSpeed exports by itself.
+# PIPELINE_FORWARD_ENV="NAME ..." adds more.
+EXPORTED = ("DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG",
+            "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE",
+            "TOKENIZERS_PARALLELISM", "PIPELINE_STOP_GRACE_S")
+
+
+def env_file_lines(environ: dict[str, str], user_files: list[Path]) -> list[str]:
+    """The DeepSpeed env file: the user's own files first, then the forwarded variables set here."""
+    lines = []
+    for path in user_files:
+        if path.is_file():
+            lines += [line.strip() for line in path.read_text().splitlines() if "=" in line]
+    names = [*EXPORTED, *environ.get("PIPELINE_FORWARD_ENV", "").split()]
+    lines += [f"{name}={environ[name]}" for name in dict.fromkeys(names) if environ.get(name)]
+    return lines
+
+
+def write_env_file(environ: dict[str, str]) -> Path:
+    user = [Path.home() / ".deepspeed_env", Path.cwd() / ".deepspeed_env"]
+    handle, name = tempfile.mkstemp(prefix="pipeline-deepspeed-env.")
+    with os.fdopen(handle, "w") as out:
+        out.write("".join(line + "\n" for line in env_file_lines(environ, user)))
+    return Path(name)
 
 
 def ranks_of(pid: int) -> list[psutil.Process]:
@@ -44,7 +77,15 @@ def kill_session(pgid: int) -> None:
 
 
 def main(command: list[str]) -> int:
-    launcher = subprocess.Popen(command, start_new_session=True)
+    env_file = write_env_file(dict(os.environ))
+    try:
+        return supervise(command, {**os.environ, "DS_ENV_FILE": str(env_file)})
+    finally:
+        env_file.unlink(missing_ok=True)
+
+
+def supervise(command: list[str], env: dict[str, str]) -> int:
+    launcher = subprocess.Popen(command, start_new_session=True, env=env)
     grace = float(os.environ.get("PIPELINE_STOP_GRACE_S", 600))
     timers: list[threading.Timer] = []
 
