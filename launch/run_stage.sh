@@ -32,10 +32,15 @@ if [ "$hosts" = "localhost" ] || [ "$hosts" = "127.0.0.1" ] || [ "$hosts" = "$(h
         --master_addr 127.0.0.1 --master_port "$port" --module pipeline "${args[@]}"
 fi
 launcher=()
-[ -n "${LAUNCHER:-}" ] && launcher+=(--launcher "$LAUNCHER")
+entry=(--module pipeline)
+if [ -n "${LAUNCHER:-}" ]; then
+    launcher+=(--launcher "$LAUNCHER")
+    # DeepSpeed's MPI runners mangle --module (see launch/rank.py)
+    [ "$LAUNCHER" != pdsh ] && entry=("$(pwd)/launch/rank.py")
+fi
 [ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
 [ -n "${MASTER_PORT:-}" ] && launcher+=(--master_port "$MASTER_PORT")
 # mpich's mpirun is the venv's (pip mpich): on PATH for DeepSpeed's runner to find
 export PATH="$(cd "$venv/bin" && pwd):$PATH"
 exec "$venv/bin/python" launch/supervise.py "$venv/bin/deepspeed" --hostfile "$hostfile" "${launcher[@]}" \
-    --module pipeline "${args[@]}"
+    "${entry[@]}" "${args[@]}"

@@ -136,8 +136,9 @@ def test_prepare_across_hosts_writes_the_shards_of_a_one_host_run(cluster, tmp_p
     assert not differ, differ
 
 
-def _pretrain_two_hosts(cluster, config: Path) -> subprocess.CompletedProcess:
-    return _on_node0(cluster, ["bash", "launch/run_stage.sh", "pretrain", str(config), str(cluster.hostfile)])
+def _pretrain_two_hosts(cluster, config: Path, **extra: str) -> subprocess.CompletedProcess:
+    return _on_node0(cluster, ["bash", "launch/run_stage.sh", "pretrain", str(config), str(cluster.hostfile)],
+                     **extra)
 
 
 def _pretrain_one_host(config: Path) -> None:
@@ -150,18 +151,23 @@ def _weights(root: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(root / "runs" / name / "pretrain/export/model.safetensors")
 
 
-@pytest.mark.parametrize("optimizer,ds", [
-    ({"name": "lamb", "lr": 3e-3}, "pretrain_zero2_lamb.json"),
-    ({"name": "onebit_lamb", "lr": 3e-3, "freeze_step": 4}, "pretrain_onebit_lamb.json"),
-], ids=["zero2_lamb", "onebit_lamb"])
-def test_pretrain_on_two_hosts_equals_the_same_run_on_one(cluster, prepared, optimizer, ds):
-    name = optimizer["name"]
+@pytest.mark.parametrize("optimizer,ds,launcher", [
+    ({"name": "lamb", "lr": 3e-3}, "pretrain_zero2_lamb.json", "pdsh"),
+    ({"name": "onebit_lamb", "lr": 3e-3, "freeze_step": 4}, "pretrain_onebit_lamb.json", "pdsh"),
+    ({"name": "lamb", "lr": 3e-3}, "pretrain_zero2_lamb.json", "mpich"),
+], ids=["zero2_lamb", "onebit_lamb", "zero2_lamb_mpich"])
+def test_pretrain_on_two_hosts_equals_the_same_run_on_one(cluster, prepared, optimizer, ds, launcher):
+    """DeepSpeed's default runner (pdsh over ssh), and its MPICH runner (LAUNCHER=mpich: mpirun over ssh)."""
+    name = optimizer["name"] + ("" if launcher == "pdsh" else f"-{launcher}")
     sections = {"optimizer": optimizer, "distributed": {"ds_config": str(REPO / "ds_configs" / ds)}}
     two = _config(prepared, f"{name}-2h", **sections)
     _same_prepare(prepared, f"{name}-2h")
-    proc = _pretrain_two_hosts(cluster, two)
+    proc = _pretrain_two_hosts(cluster, two, LAUNCHER=launcher)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "bp1node1:" in proc.stdout  # pdsh prefixes each remote line with its host
+    if launcher == "pdsh":
+        assert "bp1node1:" in proc.stdout  # pdsh prefixes each remote line with its host
+    else:
+        assert "cmd = mpirun" in proc.stdout
     one = _config(prepared, f"{name}-1h", **sections)
     _same_prepare(prepared, f"{name}-1h")
     _pretrain_one_host(one)
