@@ -42,6 +42,11 @@ prepare finetune run-all: data
 report: setup
 	bash launch/run_stage.sh report $(CONFIG) "" $(SET)
 
+# a stage as a Slurm job that requeues itself until the stage is complete (launch/slurm/):
+#   make slurm-pretrain CONFIG=... SBATCH="--nodes=4 --gpus-per-node=8 --time=24:00:00"
+slurm-%:
+	sbatch $(SBATCH) launch/slurm/$*.sbatch $(CONFIG) $(SET)
+
 env: setup
 	bash launch/run_stage.sh env "" "$(HOSTFILE)"
 
