@@ -21,8 +21,31 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import psutil
 import torch
 import torch.distributed as tdist
+
+from pipeline.errors import PipelineError
+
+class LaunchError(PipelineError):
+    """This rank cannot join the group: the launch's network settings, not the code."""
+
+
+def join_failure(env: LaunchEnv, backend: str, reason: str, environ: Mapping[str, str]) -> str:
+    """One line for a failed rendezvous: which rank, where, the interface setting and what this host has."""
+    setting = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
+    interfaces = ", ".join(f"{name} {addrs[0]}" for name, addrs in local_interfaces().items()) or "none"
+    first = next((line.strip() for line in reason.splitlines() if line.strip()), reason)
+    return (f"rank {env.rank} on {socket.gethostname()} cannot join the {backend} group at "
+            f"{env.master_addr}:{env.master_port}: {first}. {setting}={environ.get(setting, '(unset)')}; "
+            f"this host's interfaces: {interfaces}. Set {setting} to the one that joins the nodes")
+
+
+def local_interfaces() -> dict[str, list[str]]:
+    """IPv4 addresses per network interface of this host."""
+    return {name: [a.address for a in addrs if a.family == socket.AF_INET]
+            for name, addrs in psutil.net_if_addrs().items() if any(a.family == socket.AF_INET for a in addrs)}
+
 
 Launcher = Literal["deepspeed", "torchrun", "openmpi", "mpich", "single"]
 DEFAULT_PORT = 29500
@@ -159,8 +182,11 @@ class Dist:
             return
         if torch.cuda.is_available():
             torch.cuda.set_device(self.env.local_rank)
-        tdist.init_process_group(backend=self.backend(), init_method="env://", rank=self.rank,
-                                 world_size=self.world_size, timeout=self._timeout)
+        try:
+            tdist.init_process_group(backend=self.backend(), init_method="env://", rank=self.rank,
+                                     world_size=self.world_size, timeout=self._timeout)
+        except RuntimeError as exc:  # the backend's traceback says nothing about which setting is wrong
+            raise LaunchError(join_failure(self.env, self.backend(), str(exc), os.environ)) from None
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -69,7 +69,7 @@ def stage_command(stage: str, config: str, hosts: list[str], slots: int, hostfil
                   sets: list[str]) -> list[str]:
     if stage == "prepare":  # mpirun, one rank per node
         hostfile.write_text("".join(f"{host} slots=1\n" for host in hosts))
-        return ["bash", "launch/prepare_mpi.sh", config, str(len(hosts)), str(hostfile)]
+        return ["bash", "launch/prepare_mpi.sh", config, str(len(hosts)), str(hostfile), *sets]
     hostfile.write_text("".join(f"{host} slots={slots}\n" for host in hosts))
     where = "" if stage in SINGLE_PROCESS else str(hostfile)
     return ["bash", "launch/run_stage.sh", stage, config, where, *sets]

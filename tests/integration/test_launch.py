@@ -40,3 +40,13 @@ def test_stage_through_the_launch_script_with_a_hostfile(tmp_path, bbc_sample):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     record = json.loads((tmp_path / "runs/ds/prepare/stage.json").read_text())
     assert record["status"] == "complete" and record["world_size"] == 2 and record["metrics"]["docs"] == 60
+
+
+@pytest.mark.slow
+def test_a_wrong_network_interface_is_one_line_per_rank_naming_the_setting():
+    proc = subprocess.run(["bash", "launch/run_stage.sh", "env", "", "hostfiles/localhost"], cwd=REPO,
+                          env=cli_env(GLOO_SOCKET_IFNAME="nosuch0"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: rank")]
+    assert len(lines) == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert all("GLOO_SOCKET_IFNAME=nosuch0" in line and "lo 127.0.0.1" in line for line in lines)

@@ -55,3 +55,14 @@ def test_torch_style_variables_win_over_mpi():
 def test_inconsistent_env_is_refused(bad):
     with pytest.raises(ValueError):
         detect(bad)
+
+
+def test_a_failed_rendezvous_names_the_rank_the_setting_and_the_interfaces_there():
+    from pipeline.dist import LaunchEnv, join_failure
+
+    env = LaunchEnv("deepspeed", 3, 4, 1, 2, 1, "node01", 29500)
+    line = join_failure(env, "nccl", "RuntimeError: connect timed out\n  more detail", {"NCCL_SOCKET_IFNAME": "ib9"})
+    assert "\n" not in line and line.startswith("rank 3 on ")
+    assert "the nccl group at node01:29500: RuntimeError: connect timed out." in line
+    assert "NCCL_SOCKET_IFNAME=ib9" in line and "lo 127.0.0.1" in line
+    assert "GLOO_SOCKET_IFNAME=(unset)" in join_failure(env, "gloo", "x", {})
