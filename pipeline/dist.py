@@ -27,6 +27,7 @@ import torch.distributed as tdist
 
 from pipeline.errors import PipelineError
 
+
 class LaunchError(PipelineError):
     """This rank cannot join the group: the launch's network settings, not the code."""
 
