@@ -31,6 +31,18 @@ if [ "$hosts" = "localhost" ] || [ "$hosts" = "127.0.0.1" ] || [ "$hosts" = "$(h
     exec "$venv/bin/python" launch/supervise.py "$venv/bin/deepspeed" --hostfile "$hostfile" --no_ssh_check \
         --master_addr 127.0.0.1 --master_port "$port" --module pipeline "${args[@]}"
 fi
+# what DeepSpeed's runner would fail on with a traceback (or only for the first host): one line each
+if [ -z "${LAUNCHER:-}" ] || [ "$LAUNCHER" = pdsh ]; then
+    command -v pdsh >/dev/null || { echo "error: pdsh is not installed on $(hostname): the deepspeed launcher starts" \
+        "the other hosts' ranks with it (apt-get install pdsh), or set LAUNCHER=mpich" >&2; exit 2; }
+fi
+for host in $hosts; do
+    if ! said=$(ssh -o BatchMode=yes -o ConnectTimeout=10 "$host" true 2>&1 </dev/null); then
+        echo "error: hostfile $hostfile: $(hostname) cannot ssh to $host without a password" \
+            "(ssh: $(echo "$said" | tr -d '\r' | tail -n 1)); every host must reach every other by these names" >&2
+        exit 2
+    fi
+done
 launcher=()
 entry=(--module pipeline)
 if [ -n "${LAUNCHER:-}" ]; then

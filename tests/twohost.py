@@ -95,6 +95,8 @@ class TwoHosts:
 
     def _keys(self) -> None:
         for name in ("host_key", "login_key"):
+            for old in (self.dir / name, self.dir / f"{name}.pub"):  # ssh-keygen would ask before overwriting
+                old.unlink(missing_ok=True)
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / name)], check=True)
         shutil.copy(self.dir / "login_key.pub", self.dir / "authorized_keys")
         (self.dir / "ssh_config").write_text(SSH_CONFIG.format(nodes=" ".join(NODES), dir=self.dir))

@@ -102,6 +102,21 @@ def test_env_reports_both_hosts_and_the_allreduce_works(cluster, tmp_path):
         (0, 0, "bp1node0"), (1, 1, "bp1node1")]
 
 
+def test_no_ssh_key_or_no_pdsh_is_one_line_before_anything_starts(cluster, tmp_path):
+    bare = _on_node0(cluster, ["bash", "launch/run_stage.sh", "env", "", str(cluster.hostfile)],
+                     PATH="/usr/local/bin:/usr/bin:/bin")  # ssh without the cluster's key
+    assert bare.returncode == 2 and "Traceback" not in bare.stdout, bare.stdout[-2000:]
+    assert f"error: hostfile {cluster.hostfile}: bp1node0 cannot ssh to bp1node0 without a password" in bare.stdout
+    no_pdsh = tmp_path / "bin"
+    no_pdsh.mkdir()
+    for tool in ("bash", "awk", "ssh", "hostname", "tail", "dirname", "nsenter"):
+        (no_pdsh / tool).symlink_to(cluster.dir / "bin/ssh" if tool == "ssh" else shutil.which(tool))
+    proc = _on_node0(cluster, [shutil.which("bash"), "launch/run_stage.sh", "env", "", str(cluster.hostfile)],
+                     PATH=str(no_pdsh))
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("error: pdsh is not installed on bp1node0")
+
+
 def test_mpirun_over_ssh_puts_a_rank_on_each_host(cluster, tmp_path):
     out = tmp_path / "ranks.json"
     proc = _on_node0(cluster, [str(REPO / ".venv/bin/mpirun"), "-n", "2", "-hosts", "bp1node0:1,bp1node1:1",
