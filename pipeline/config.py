@@ -100,11 +100,17 @@ class MaskingConfig(Section):
     replace_mask: Fraction = 0.8  # of the chosen tokens: [MASK]
     replace_random: Fraction = 0.1  # random token; the rest stay unchanged
     whole_word: bool = False
+    # exactly round(p x maskable tokens) per row, and every batch carries the masked positions padded
+    # to a fixed count per sequence length: the sparse MLM head then gathers a static shape (no
+    # data-dependent `nonzero`), which a compiled step needs
+    fixed_count: bool = False
 
     @model_validator(mode="after")
     def _shares(self) -> MaskingConfig:
         if self.replace_mask + self.replace_random > 1.0:
             raise ValueError("replace_mask + replace_random must not exceed 1")
+        if self.fixed_count and self.whole_word:
+            raise ValueError("fixed_count picks tokens, whole_word picks words: choose one")
         return self
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.config import MaskingConfig
-from pipeline.data.masking import mask_tokens
+from pipeline.data.masking import mask_tokens, masked_positions, positions_per_row
 from pipeline.data.shards import MANIFEST
 from pipeline.data.tokenizer import TokenizerInfo, continuation_flags
 from pipeline.errors import StageInputError
@@ -167,6 +167,11 @@ class PretrainLoader:
         batch = {"input_ids": masked, "attention_mask": (ids != self.shards.info.pad_id).long(),
                  "token_type_ids": torch.zeros_like(ids), "labels": labels,
                  "rows": torch.from_numpy(rows)}  # which rows these are: for audits, not for the model
+        if self.masking.fixed_count:  # a static shape for the sparse MLM head's gather
+            batch["mlm_positions"] = masked_positions(labels, positions_per_row(ids.shape[1],
+                                                                                self.masking.probability))
+            if not (tokens == self.shards.info.pad_id).any():  # packed rows: no mask, nothing to check on device
+                del batch["attention_mask"]
         if pairs is not None:
             positions = torch.arange(ids.shape[1])
             b_start = torch.from_numpy(pairs[:, 0:1])

@@ -66,12 +66,24 @@ class PretrainObjective(nn.Module):
         self.hf = hf
         self.sparse = sparse
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                labels: torch.Tensor, next_sentence_label: torch.Tensor | None = None) -> Output:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, *, labels: torch.Tensor,
+                next_sentence_label: torch.Tensor | None = None,
+                mlm_positions: torch.Tensor | None = None) -> Output:
+        """`mlm_positions` ([batch, k], from fixed-count masking): the positions to decode, so the head's
+        input has a static shape and the step needs no `nonzero` (no host sync, no graph break). With it,
+        a 2D padding mask goes in as SDPA's 4D boolean mask: given a 2D one, transformers asks the device
+        whether it is all ones (to drop it); a batch without padding comes with no mask at all."""
+        if mlm_positions is not None and attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, None, None, :].bool()
         out = self.hf.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         hidden = out.last_hidden_state
         flat_labels = labels.reshape(-1)
-        if self.sparse:
+        if self.sparse and mlm_positions is not None:
+            picked = hidden.gather(1, mlm_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            logits = self.hf.cls.predictions(picked.reshape(-1, hidden.shape[-1]))
+            targets = labels.gather(1, mlm_positions).reshape(-1)
+        elif self.sparse:
             where = torch.nonzero(flat_labels != IGNORE).squeeze(1)
             logits = self.hf.cls.predictions(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where))
             targets = flat_labels.index_select(0, where)

@@ -47,7 +47,9 @@ def run(ctx: StageContext) -> StageResult:
     config = bert_config(cfg.model, info.vocab_size, info.pad_id)
     objective = PretrainObjective(build_model(config, pairs=manifest["objective"] != "mlm"),
                                   sparse=cfg.model.sparse_mlm_head)
-    if cfg.pretrain.compile:  # in place, so parameter names (and the export) stay stock
+    if cfg.pretrain.compile and cfg.data.masking.fixed_count:  # static shapes: forward + loss, one graph
+        objective.compile(fullgraph=True)  # in place, so parameter names (and the export) stay stock
+    elif cfg.pretrain.compile:  # `nonzero` in the sparse head: the encoder alone
         objective.hf.bert.compile()
     ctx.log.info(f"model: {cfg.model.preset}, {count_parameters(objective) / 1e6:.1f}M parameters, "
                  f"vocab {info.vocab_size}, {'sparse' if cfg.model.sparse_mlm_head else 'dense'} MLM head")

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import MaskingConfig
 from pipeline.data.loader import PretrainLoader, ShardSet
-from pipeline.data.masking import IGNORE, mask_tokens, special_mask
+from pipeline.data.masking import IGNORE, mask_tokens, masked_positions, positions_per_row, special_mask
 from pipeline.data.tokenizer import continuation_flags
 from tests.conftest import run_cli, write_config
 
@@ -140,3 +140,37 @@ def test_resuming_on_another_layout_deals_out_the_rest_of_the_epoch(prepared, be
     assert torch.equal(next(new[0])["rows"], next(fresh)["rows"])  # the next epoch: the new layout's usual one
     for loader in old + new + [fresh]:
         loader.close()
+
+
+def test_fixed_count_masking_statistics_and_static_positions(prepared):
+    """Exactly round(15% of each row's maskable tokens), 80/10/10, and positions of one shape per length."""
+    shards = ShardSet(prepared, 64, "train")
+    ids = torch.from_numpy(shards.take(np.arange(min(len(shards), 2000)))[0])
+    cfg = MaskingConfig(fixed_count=True)
+    masked, labels = mask_tokens(ids, cfg, shards.info, torch.Generator().manual_seed(0))
+    special = special_mask(ids, shards.info)
+    chosen = labels != IGNORE
+    assert not (chosen & special).any()
+    assert torch.equal(chosen.sum(1), ((~special).sum(1) * 0.15).round().long())  # per row, not on average
+    assert abs(chosen.sum().item() / (~special).sum().item() - 0.15) < 0.005
+    n = chosen.sum().item()
+    assert abs(((masked == shards.info.mask_id) & chosen).sum().item() / n - 0.8) < 0.01
+    assert abs(((masked == ids) & chosen).sum().item() / n - 0.1) < 0.01
+    assert torch.equal(masked[~chosen], ids[~chosen])
+    positions = masked_positions(labels, positions_per_row(64, 0.15))
+    assert positions.shape == (len(ids), 10)  # ceil(0.15 x 62)
+    covered = torch.zeros_like(chosen).scatter_(1, positions, True)
+    assert not (chosen & ~covered).any()  # every label is among the row's positions
+    assert (positions.diff(dim=1) > 0).all()  # sorted, no position twice
+
+    loader = _loader(prepared, masking=cfg)
+    for index in range(loader.batches_per_epoch):  # the unit's last row is padded: one batch has a mask
+        batch = loader.make_batch(0, index)
+        assert batch["mlm_positions"].shape == (batch["input_ids"].shape[0], 10)
+        padded = (torch.from_numpy(shards.take(batch["rows"].numpy())[0]) == shards.info.pad_id).any()
+        assert ("attention_mask" in batch) == bool(padded)
+
+
+def test_fixed_count_and_whole_word_are_refused_together():
+    with pytest.raises(ValueError, match="fixed_count"):
+        MaskingConfig(fixed_count=True, whole_word=True)
