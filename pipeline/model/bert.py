@@ -102,6 +102,14 @@ class PretrainObjective(nn.Module):
                       nsp_loss=None if nsp_loss is None else nsp_loss.detach())
 
 
+def compile_whole(objective: PretrainObjective) -> None:
+    """Forward and loss as one graph (`fullgraph`: a graph break is an error), for static batches (fixed-count
+    masking). The bound forward is compiled, not the module: `Module.compile` would trace the hooks a
+    training engine puts on the module too (DeepSpeed's throughput timer cannot be traced). Parameter
+    names, and so the export, stay stock."""
+    objective.forward = torch.compile(objective.forward, fullgraph=True)
+
+
 def layer_widths(hf: nn.Module) -> list[tuple[int, int]]:
     """Per encoder layer: (attention width = kept heads x head size, FFN width), read off the modules."""
     return [(layer.attention.output.dense.in_features, layer.intermediate.dense.out_features)

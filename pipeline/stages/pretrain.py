@@ -17,7 +17,14 @@ import torch
 from pipeline.data.loader import manifest_tokenizer, read_manifest
 from pipeline.data.tokenizer import tokenizer_info
 from pipeline.errors import ConfigError, StageInputError
-from pipeline.model.bert import PretrainObjective, bert_config, build_model, count_parameters, train_flops_per_token
+from pipeline.model.bert import (
+    PretrainObjective,
+    bert_config,
+    build_model,
+    compile_whole,
+    count_parameters,
+    train_flops_per_token,
+)
 from pipeline.runner import StageContext, StageResult
 from pipeline.train import Trainer
 
@@ -48,7 +55,7 @@ def run(ctx: StageContext) -> StageResult:
     objective = PretrainObjective(build_model(config, pairs=manifest["objective"] != "mlm"),
                                   sparse=cfg.model.sparse_mlm_head)
     if cfg.pretrain.compile and cfg.data.masking.fixed_count:  # static shapes: forward + loss, one graph
-        objective.compile(fullgraph=True)  # in place, so parameter names (and the export) stay stock
+        compile_whole(objective)
     elif cfg.pretrain.compile:  # `nonzero` in the sparse head: the encoder alone
         objective.hf.bert.compile()
     ctx.log.info(f"model: {cfg.model.preset}, {count_parameters(objective) / 1e6:.1f}M parameters, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -416,3 +417,21 @@ def test_a_run_stopped_on_one_number_of_ranks_resumes_on_another(prepared, strai
     reference = json.loads((straight / "stage.json").read_text())["metrics"]
     assert record["metrics"]["phase0_tokens"] == reference["phase0_tokens"]
     assert record["metrics"]["phase0_final_eval_loss"] < record["metrics"]["phase0_initial_eval_loss"]
+
+
+@pytest.mark.slow
+def test_the_compiled_static_step_trains_through_the_engine_and_exports_stock_weights(prepared):
+    """Fixed-count masking + pretrain.compile: one graph per phase under the DeepSpeed engine's hooks;
+    the export's weight names are the stock ones."""
+    root, base = prepared
+    config = _variant(root, base, "compiled", data={**base["data"], "masking": {"fixed_count": True}},
+                      pretrain={**base["pretrain"], "compile": True, "checkpoint_every": 100})
+    proc = _run_stage(config)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (root / "runs/compiled/pretrain/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    straight = root / "runs/straight/pretrain/export/model.safetensors"
+    if not straight.exists():
+        assert run_cli("pretrain", "--config", str(_variant(root, base, "straight"))).returncode == 0
+    assert load_file(root / "runs/compiled/pretrain/export/model.safetensors").keys() == load_file(straight).keys()

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pipeline.config import MaskingConfig, ModelConfig
 from pipeline.data.masking import mask_tokens, masked_positions, positions_per_row
 from pipeline.data.tokenizer import TokenizerInfo
-from pipeline.model.bert import PretrainObjective, bert_config, build_model
+from pipeline.model.bert import PretrainObjective, bert_config, build_model, compile_whole
 
 # ops whose result the host must read (a device sync on a GPU): scalars out of tensors, data-dependent shapes
 SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item"}
@@ -80,7 +80,7 @@ def test_forward_and_loss_compile_to_one_graph_equal_to_eager():
     explained = torch._dynamo.explain(_objective())(**batch)
     assert explained.graph_break_count == 0, explained.break_reasons
     eager, compiled = _objective(), _objective()
-    compiled.compile(fullgraph=True)
+    compile_whole(compiled)
     out_e, out_c = eager(**batch), compiled(**batch)
     out_e.loss.backward()
     out_c.loss.backward()
