@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 
+NO_RANKS_WAIT_S = 5.0
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 # what every rank needs to see as the launching shell does; PYTHON* DeepSpeed exports by itself.
 # PIPELINE_FORWARD_ENV="NAME ..." adds more.
@@ -96,10 +97,12 @@ def supervise(command: list[str], env: dict[str, str]) -> int:
                 rank.send_signal(signum)
             except psutil.Error:
                 pass
-        if not ranks:  # nothing started yet (or already gone): stop the launcher itself
-            kill_session(launcher.pid)
         if not timers:
-            timers.append(threading.Timer(grace, kill_session, (launcher.pid,)))
+            # no rank running: none has started yet (the launcher is stopped after a short wait), or all have
+            # just finished and the launcher is exiting with their code (it must not be killed: a job
+            # scheduler's warning that lands then would turn a complete stage into a failed command)
+            delay = grace if ranks else min(grace, NO_RANKS_WAIT_S)
+            timers.append(threading.Timer(delay, kill_session, (launcher.pid,)))
             timers[0].daemon = True
             timers[0].start()
 

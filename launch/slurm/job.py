@@ -91,8 +91,11 @@ def run(stage: str, config: str, sets: list[str]) -> int:
         command = stage_command(stage, config, hosts, slots, Path(tmp) / "hostfile", sets)
         proc = subprocess.Popen(command, env=child_env)
 
+        signalled = []
+
         def forward(signum: int, frame) -> None:
             log(f"{signal.Signals(signum).name}: the stage saves and stops")
+            signalled.append(signum)
             if proc.poll() is None:
                 proc.send_signal(signum)
 
@@ -102,10 +105,14 @@ def run(stage: str, config: str, sets: list[str]) -> int:
     if code == 0:
         log(f"{stage} complete")
         return 0
-    if code != STOPPED:
+    if code != STOPPED and not signalled:
         log(f"{stage} failed (exit {code}); not requeued: fix the cause, then sbatch the same line again")
         return code
-    log(f"{stage} stopped at a checkpoint; requeueing job {job}")
+    if code == STOPPED:
+        log(f"{stage} stopped at a checkpoint; requeueing job {job}")
+    else:  # the signal came before the stage could take it (start-up): the next job finds out where it is
+        log(f"{stage} ended with exit {code} after the stop signal; requeueing job {job} (a complete stage ends "
+            "the chain there)")
     requeue = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if requeue.returncode:
         log(f"scontrol requeue {job} failed ({requeue.stderr.strip()}): submit the same line again to resume")
