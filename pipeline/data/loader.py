@@ -97,6 +97,14 @@ class ShardSet:
         return tokens, pairs
 
 
+def static_padding_mask(ids: torch.Tensor, pad_id: int) -> torch.Tensor | None:
+    """The padding mask in the form that needs no device read: SDPA's 4D boolean [batch, 1, 1, seq] (given a
+    2D mask, transformers asks the device whether it is all ones, to drop it), or None for a batch of
+    packed rows, decided here on the host."""
+    keep = ids != pad_id
+    return None if bool(keep.all()) else keep[:, None, None, :]
+
+
 class PretrainLoader:
     """Infinite iterator of masked micro-batches for one rank, with exact resume and prefetch."""
 
@@ -167,11 +175,14 @@ class PretrainLoader:
         batch = {"input_ids": masked, "attention_mask": (ids != self.shards.info.pad_id).long(),
                  "token_type_ids": torch.zeros_like(ids), "labels": labels,
                  "rows": torch.from_numpy(rows)}  # which rows these are: for audits, not for the model
-        if self.masking.fixed_count:  # a static shape for the sparse MLM head's gather
+        if self.masking.fixed_count:  # the static step: nothing in it depends on the batch's values
             batch["mlm_positions"] = masked_positions(labels, positions_per_row(ids.shape[1],
                                                                                 self.masking.probability))
-            if not (tokens == self.shards.info.pad_id).any():  # packed rows: no mask, nothing to check on device
-                del batch["attention_mask"]
+            padding = static_padding_mask(ids, self.shards.info.pad_id)
+            if padding is None:
+                del batch["attention_mask"]  # the engine moves every value to the device: no None in a batch
+            else:
+                batch["attention_mask"] = padding
         if pairs is not None:
             positions = torch.arange(ids.shape[1])
             b_start = torch.from_numpy(pairs[:, 0:1])

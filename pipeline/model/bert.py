@@ -71,11 +71,7 @@ class PretrainObjective(nn.Module):
                 next_sentence_label: torch.Tensor | None = None,
                 mlm_positions: torch.Tensor | None = None) -> Output:
         """`mlm_positions` ([batch, k], from fixed-count masking): the positions to decode, so the head's
-        input has a static shape and the step needs no `nonzero` (no host sync, no graph break). With it,
-        a 2D padding mask goes in as SDPA's 4D boolean mask: given a 2D one, transformers asks the device
-        whether it is all ones (to drop it); a batch without padding comes with no mask at all."""
-        if mlm_positions is not None and attention_mask is not None and attention_mask.dim() == 2:
-            attention_mask = attention_mask[:, None, None, :].bool()
+        input has a static shape and the step needs no `nonzero` (no host sync, no graph break)."""
         out = self.hf.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         hidden = out.last_hidden_state
         flat_labels = labels.reshape(-1)

@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.config import MaskingConfig, ModelConfig
+from pipeline.data.loader import static_padding_mask
 from pipeline.data.masking import mask_tokens, masked_positions, positions_per_row
 from pipeline.data.tokenizer import TokenizerInfo
 from pipeline.model.bert import PretrainObjective, bert_config, build_model, compile_whole
@@ -33,16 +34,19 @@ def _objective(seed: int = 0) -> PretrainObjective:
                                                                  max_position_embeddings=SEQ), VOCAB), pairs=False))
 
 
-def _batch(fixed: bool = True) -> dict:
+def _batch(static: bool = True) -> dict:
+    """Fixed-count masks; `static`: the batch as the loader makes it (positions, 4D or no mask), else the
+    same masks in the default form (2D mask, no positions)."""
     info = TokenizerInfo(vocab_size=VOCAB, pad_id=0, unk_id=1, cls_id=2, sep_id=3, mask_id=4, sha256="")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, VOCAB, (4, SEQ), generator=gen)
     ids[:, 0], ids[:, -1], ids[0, 40:] = info.cls_id, info.sep_id, info.pad_id  # a padded last row
-    masked, labels = mask_tokens(ids, MaskingConfig(fixed_count=fixed), info, gen)
+    masked, labels = mask_tokens(ids, MaskingConfig(fixed_count=True), info, gen)
     batch = {"input_ids": masked, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids),
              "labels": labels}
-    if fixed:
+    if static:
         batch["mlm_positions"] = masked_positions(labels, positions_per_row(SEQ, 0.15))
+        batch["attention_mask"] = static_padding_mask(ids, info.pad_id)
     return batch
 
 
@@ -50,7 +54,7 @@ def test_static_positions_give_the_loss_and_gradients_of_the_nonzero_path():
     objective, batch = _objective(), _batch()
     static = objective(**batch)
     g_static = torch.autograd.grad(static.loss, list(objective.parameters()))
-    dynamic = objective(**{k: v for k, v in batch.items() if k != "mlm_positions"})
+    dynamic = objective(**_batch(static=False))
     g_dynamic = torch.autograd.grad(dynamic.loss, list(objective.parameters()))
     torch.testing.assert_close(static.loss, dynamic.loss, rtol=1e-6, atol=1e-6)
     assert static.masked == dynamic.masked == (batch["labels"] != -100).sum() and static.correct == dynamic.correct
@@ -69,7 +73,7 @@ def test_the_step_reads_nothing_back_to_the_host(padded):
         torch.stack([out.loss.detach(), out.mlm_loss * out.masked, out.correct.float(), out.masked.float()])
     assert counter.seen == []
     with SyncCounter() as counter:  # the counter sees them: the nonzero path has one
-        objective(**{k: v for k, v in batch.items() if k != "mlm_positions"}).loss.backward()
+        objective(**_batch(static=False)).loss.backward()
     assert "nonzero" in counter.seen
 
 
