@@ -11,9 +11,7 @@ config=$1; np=$2; hostfile=${3:-}; shift 3 || shift $#
 sets=()
 for item in "$@"; do sets+=(--set "$item"); done
 venv=${VENV:-.venv}
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
-    export DS_ACCELERATOR=cpu
-fi
+source launch/accelerator.sh
 extra=()
 if [ -n "$hostfile" ]; then
     # a bad hostfile is one line and exit 2 here, before mpirun reads it

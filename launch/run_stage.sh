@@ -12,9 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command=$1; config=$2; hostfile=${3:-}; shift 3 || shift $#
 venv=${VENV:-.venv}
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
-    export DS_ACCELERATOR=cpu
-fi
+source launch/accelerator.sh
 args=("$command")
 [ -n "$config" ] && args+=(--config "$config")
 for item in "$@"; do args+=(--set "$item"); done
