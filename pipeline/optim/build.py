@@ -16,7 +16,7 @@ def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, lr: float) -> 
         return Lamb(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                     trust_ratio_clip=cfg.trust_ratio_clip)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return adamw(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.freeze_step < 1:
         raise ConfigError(f"optimizer.freeze_step: {cfg.name} needs a full-precision warmup of at least 1 step "
                           "(its variance is frozen after it); the papers use 15-25% of the first phase")
@@ -24,3 +24,9 @@ def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, lr: float) -> 
     if cfg.name == "onebit_adam":
         return onebit_adam(groups, **common)
     return onebit_lamb(groups, **common, trust_ratio_clip=cfg.trust_ratio_clip, **cfg.onebit_lamb.model_dump())
+
+
+def adamw(groups: list[dict], **settings) -> torch.optim.AdamW:
+    """torch's AdamW with its fused kernels (CUDA and CPU): the whole step in one pass over each tensor
+    chunk, instead of the default's ~10 operations per tensor on CPU or its multi-tensor loop on a GPU."""
+    return torch.optim.AdamW(groups, fused=True, **settings)

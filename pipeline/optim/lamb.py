@@ -81,11 +81,12 @@ class FlatLayout:
 class Lamb(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, per_tensor: bool = True,
-                 trust_ratio_clip: tuple[float, float] = (0.01, 10.0)):
+                 trust_ratio_clip: tuple[float, float] = (0.01, 10.0), foreach: bool | None = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trust_ratio=True)
         super().__init__(params, defaults)
         self.trust_ratio_clip = trust_ratio_clip
         self.per_tensor = per_tensor  # False: one ratio per flat tensor (the naive, wrong, way)
+        self.foreach = foreach  # multi-tensor kernels; None: on GPU tensors only (see adam_directions)
         self._layouts: list[FlatLayout | None] = [None] * len(self.param_groups)
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # per parameter: the update, rebuilt each step
 
@@ -97,42 +98,55 @@ class Lamb(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        pending = []  # (param, update, group, layout) awaiting their trust ratios
+        pending = []  # (params, updates, group, layout) per group, awaiting trust ratios
         partial = []  # per flat-laid-out param: [sum w^2 per tensor, sum u^2 per tensor]
         for group, layout in zip(self.param_groups, self._layouts):
-            for param in group["params"]:
-                flat = layout is not None and self.per_tensor and group["trust_ratio"]
-                if param.grad is None and not flat:
-                    continue  # a flat partition takes part in the all-reduce below whatever its gradient
-                update = self._adam_update(param, group)
-                if flat:
-                    partial.append(torch.stack([_tensor_sq_sums(param, layout), _tensor_sq_sums(update, layout)]))
-                pending.append((param, update, group, layout if flat else None))
+            flat = layout is not None and self.per_tensor and group["trust_ratio"]
+            # a flat partition takes part in the all-reduce below whatever its gradient
+            params = [p for p in group["params"] if flat or p.grad is not None]
+            if not params:
+                continue
+            updates = self._adam_updates(params, group)
+            if flat:
+                partial += [torch.stack([_tensor_sq_sums(p, layout), _tensor_sq_sums(u, layout)])
+                            for p, u in zip(params, updates)]
+            pending.append((params, updates, group, layout if flat else None))
         totals = self._reduce(partial, [item[3] for item in pending if item[3] is not None])
-        for param, update, group, layout in pending:
+        for params, updates, group, layout in pending:
             if layout is not None:
-                w_sq, u_sq = totals.pop(0)
-                ratio = trust_ratio(w_sq.sqrt(), u_sq.sqrt(), self.trust_ratio_clip)[list(layout.kept_owners)]
-                torch._foreach_mul_(_views(update, layout), list(ratio.unbind()))
+                for update in updates:
+                    w_sq, u_sq = totals.pop(0)
+                    ratio = trust_ratio(w_sq.sqrt(), u_sq.sqrt(), self.trust_ratio_clip)[list(layout.kept_owners)]
+                    torch._foreach_mul_(_views(update, layout), list(ratio.unbind()))
             elif group["trust_ratio"]:
-                update.mul_(trust_ratio(param.float().norm(), update.norm(), self.trust_ratio_clip))
-            param.add_(update.to(param.dtype), alpha=-group["lr"])
+                torch._foreach_mul_(updates, list(tensor_ratios(params, updates, self.trust_ratio_clip).unbind()))
+            torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-group["lr"])
         return loss
 
-    def _adam_update(self, param: torch.Tensor, group: dict) -> torch.Tensor:
-        state = self.state[param]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
-        state["step"] += 1
-        if param not in self._scratch:  # not in `state`: scratch space has no place in checkpoints
-            # kept across steps: on CPU, allocating (page-faulting) fresh parameter-sized tensors every
-            # step costs more than the arithmetic
-            self._scratch[param] = torch.empty_like(state["exp_avg"])
-        grad = torch.zeros_like(param) if param.grad is None else param.grad
-        return adam_direction(param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group,
-                              self._scratch[param])
+    def _adam_updates(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """The group's Adam directions, in kernels over all its tensors at once (see adam_directions)."""
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32)
+            state["step"] += 1
+            if param not in self._scratch:  # not in `state`: scratch space has no place in checkpoints
+                # kept across steps: on CPU, allocating (page-faulting) fresh parameter-sized tensors every
+                # step costs more than the arithmetic
+                self._scratch[param] = torch.empty_like(state["exp_avg"])
+        updates = {}
+        by_step: dict[int, list[torch.Tensor]] = {}  # bias correction is per tensor: a tensor that sat out
+        for param in params:                         # steps (no gradient) has its own count
+            by_step.setdefault(self.state[param]["step"], []).append(param)
+        for step, same in by_step.items():
+            states = [self.state[p] for p in same]
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in same]
+            done = adam_directions(same, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                                   step, group, [self._scratch[p] for p in same], self.foreach)
+            updates.update(zip(same, done))
+        return [updates[p] for p in params]
 
     @staticmethod
     def _reduce(partial: list[torch.Tensor], layouts: list[FlatLayout]) -> list[torch.Tensor]:
@@ -167,23 +181,65 @@ def _tensor_sq_sums(flat: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
     return sums
 
 
+def adam_directions(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                    exp_avg_sqs: list[torch.Tensor], step: int, group: dict,
+                    outs: list[torch.Tensor], foreach: bool | None = None) -> list[torch.Tensor]:
+    """Update the moments with `grads`, then u = m_hat / (sqrt(v_hat) + eps) + wd * w, built in `outs`.
+
+    Multi-tensor (`torch._foreach_*`, `foreach` True or, by default, GPU tensors): a fixed number of
+    operations per group however many tensors it holds, which on a GPU is a handful of kernel launches
+    instead of ~10 per tensor (BERT-base has ~200). On CPU, where foreach is a loop inside each operation
+    and every pass walks all tensors, tensor by tensor while each is in cache measured 1.4x faster
+    (BERT-base shapes, 2 threads: 170-224 vs 238-329 ms), so that is the CPU default, as torch's own.
+    Shared by LAMB and 1-bit LAMB's warmup, so the two are the same arithmetic. `outs` may be `grads`
+    themselves (they are read before `outs` is written).
+    """
+    if not (foreach if foreach is not None else all(t.is_cuda for t in params)):
+        return [adam_direction(p, g, m, v, step, group, out)
+                for p, g, m, v, out in zip(params, grads, exp_avgs, exp_avg_sqs, outs)]
+    beta1, beta2 = group["betas"]
+    grads = _as_float(grads)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    correction1, correction2 = 1 - beta1 ** step, 1 - beta2 ** step  # folded into scalars
+    torch._foreach_copy_(outs, exp_avg_sqs)
+    torch._foreach_sqrt_(outs)
+    torch._foreach_div_(outs, correction2 ** 0.5)
+    torch._foreach_add_(outs, group["eps"])
+    torch._foreach_reciprocal_(outs)  # no in-place "m / outs" exists: 1/denominator, then times m
+    torch._foreach_mul_(outs, exp_avgs)
+    torch._foreach_div_(outs, correction1)
+    if group["weight_decay"]:
+        torch._foreach_add_(outs, _as_float(params), alpha=group["weight_decay"])
+    return outs
+
+
 def adam_direction(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                    step: int, group: dict, out: torch.Tensor) -> torch.Tensor:
-    """Update the moments with `grad`, then u = m_hat / (sqrt(v_hat) + eps) + wd * w, built in `out`.
-
-    Shared by LAMB and 1-bit LAMB's warmup, so the two are the same arithmetic. `out` may be `grad`
-    itself (it is read before `out` is written).
-    """
+    """One tensor's Adam direction in `out`: adam_directions' arithmetic, with the reciprocal folded into a
+    division (rounding may differ in the last bit)."""
     beta1, beta2 = group["betas"]
     grad = grad.float()
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    correction1, correction2 = 1 - beta1 ** step, 1 - beta2 ** step  # folded into scalars
+    correction1, correction2 = 1 - beta1 ** step, 1 - beta2 ** step
     update = torch.sqrt(exp_avg_sq, out=out).div_(correction2 ** 0.5).add_(group["eps"])
     torch.div(exp_avg, update, out=update).div_(correction1)
     if group["weight_decay"]:
         update.add_(param.float(), alpha=group["weight_decay"])
     return update
+
+
+def tensor_ratios(params: list[torch.Tensor], updates: list[torch.Tensor], clip: tuple[float, float]) -> torch.Tensor:
+    """Each whole tensor's trust ratio ||w|| / ||u||, as one vector (two multi-tensor norms)."""
+    return trust_ratio(torch.stack(torch._foreach_norm(_as_float(params))), torch.stack(torch._foreach_norm(updates)),
+                       clip)
+
+
+def _as_float(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t if t.dtype == torch.float32 else t.float() for t in tensors]
 
 
 def trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, clip: tuple[float, float]) -> torch.Tensor:

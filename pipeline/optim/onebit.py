@@ -2,7 +2,7 @@
 
 Facts from the papers (Tang et al. 2021, 1-bit Adam; Li et al. 2021, 1-bit LAMB), code our own.
   warmup (steps 1..freeze_step): exactly the full-precision optimizer on the gradients the
-      DeepSpeed engine all-reduces: torch's AdamW for 1-bit Adam, this project's LAMB (clipped
+      DeepSpeed engine all-reduces: torch's fused AdamW for 1-bit Adam, this project's LAMB (clipped
       per-layer trust ratios) for 1-bit LAMB, which also keeps a running average of each layer's ratio.
   at freeze_step: the second moment is frozen (it changes slowly once training is stable) and the
       engine's gradient all-reduce is switched off (`enable_backward_allreduce`).
@@ -34,9 +34,10 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as tdist
+from torch.optim.adamw import adamw
 
 from pipeline.optim.compress import CompressedAllreduce, padded_size
-from pipeline.optim.lamb import adam_direction, trust_ratio
+from pipeline.optim.lamb import adam_directions, tensor_ratios
 
 
 class OnebitOptimizer(torch.optim.Optimizer):
@@ -203,16 +204,18 @@ class OnebitOptimizer(torch.optim.Optimizer):
 
 class OnebitAdam(OnebitOptimizer):
     def _warmup_step(self, grads: list[torch.Tensor]) -> None:
-        """torch's AdamW, operation for operation."""
+        """torch's fused AdamW kernel (the one `optimizer.name: adamw` runs), on views of the flat moments."""
         beta1, beta2 = self.param_groups[0]["betas"]
-        correction1, correction2_sqrt = self._correction1(), (1 - beta2 ** self.step_count) ** 0.5
-        for p, g, m, v, group in zip(self.params, grads, self.views(self.exp_avg), self.views(self.exp_avg_sq),
-                                     self.groups):
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / correction2_sqrt).add_(group["eps"])
-            p.addcdiv_(m, denom, value=-group["lr"] / correction1)
+        moments, variances, start = self.views(self.exp_avg), self.views(self.exp_avg_sq), 0
+        for group in self.param_groups:  # self.params holds the groups' tensors in order
+            held = slice(start, start + len(group["params"]))
+            start = held.stop
+            # the kernel's step counters, one per tensor, which it advances by one before use
+            steps = [torch.full((), float(self.step_count - 1), device=self.exp_avg.device)
+                     for _ in self.params[held]]
+            adamw(self.params[held], grads[held], moments[held], variances[held], [], steps, fused=True,
+                  amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                  eps=group["eps"], maximize=False)
 
     def _freeze(self) -> None:
         super()._freeze()
@@ -257,15 +260,21 @@ class OnebitLamb(OnebitOptimizer):
 
     def _warmup_step(self, grads: list[torch.Tensor]) -> None:
         """This project's LAMB, through the same functions; and the running average of each ratio."""
-        beta = self.coeff_beta
-        for i, (p, g, m, v, group) in enumerate(zip(self.params, grads, self.views(self.exp_avg),
-                                                    self.views(self.exp_avg_sq), self.groups)):
-            update = adam_direction(p, g, m, v, self.step_count, group, out=g)
+        beta, start = self.coeff_beta, 0
+        moments, variances = self.views(self.exp_avg), self.views(self.exp_avg_sq)
+        for group in self.param_groups:  # self.params holds the groups' tensors in order
+            held = slice(start, start + len(group["params"]))
+            start = held.stop
+            params = self.params[held]
+            if not params:
+                continue
+            updates = adam_directions(params, grads[held], moments[held], variances[held], self.step_count, group,
+                                      outs=grads[held])
             if self._adapts(group):
-                ratio = trust_ratio(p.float().norm(), update.norm(), self.trust_ratio_clip)
-                update.mul_(ratio)
-                self.coeff_avg[i] = beta * self.coeff_avg[i] + (1 - beta) * ratio
-            p.add_(update.to(p.dtype), alpha=-group["lr"])
+                ratios = tensor_ratios(params, updates, self.trust_ratio_clip)
+                torch._foreach_mul_(updates, list(ratios.unbind()))
+                self.coeff_avg[held] = beta * self.coeff_avg[held] + (1 - beta) * ratios
+            torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-group["lr"])
 
     def _freeze(self) -> None:
         super()._freeze()  # exp_avg_sq goes on as the fresh variance, from v_hat

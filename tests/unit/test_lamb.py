@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.optim.lamb import FlatLayout, Lamb
@@ -54,3 +55,73 @@ def test_groups_without_trust_ratio_are_plain_adam_with_decay_off():
     p.grad = torch.full((4,), 2.0)
     opt.step()
     torch.testing.assert_close(p.data, torch.full((4,), 0.5), rtol=1e-5, atol=1e-5)  # Adam's first step: lr*sign
+
+
+def _reference_lamb(params, grads_per_step, lr, weight_decay, betas=(0.9, 0.999), eps=1e-6, clip=(0.01, 10.0)):
+    """LAMB written out tensor by tensor from the formula in pipeline/optim/lamb.py's docstring."""
+    params = [p.clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for step, grads in enumerate(grads_per_step, start=1):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+            v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+            u = (m[i] / (1 - betas[0] ** step)) / ((v[i] / (1 - betas[1] ** step)).sqrt() + eps) + weight_decay * p
+            ratio = (p.norm() / u.norm()).clamp(*clip)
+            params[i] = p - lr * ratio * u
+    return params
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_per_tensor_lamb_equals_the_formula(foreach):
+    params, grads = _tensors()
+    real = [torch.nn.Parameter(p.clone()) for p in params]
+    lamb = Lamb([{"params": real}], lr=0.1, weight_decay=0.01, foreach=foreach)
+    for step_grads in grads:
+        for p, g in zip(real, step_grads):
+            p.grad = g.clone()
+        lamb.step()
+    for got, want in zip(real, _reference_lamb(params, grads, lr=0.1, weight_decay=0.01)):
+        torch.testing.assert_close(got.data, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tensor_that_sat_out_steps_keeps_its_own_bias_correction():
+    params, grads = _tensors()
+    real = [torch.nn.Parameter(p.clone()) for p in params]
+    lamb = Lamb([{"params": real}], lr=0.1, weight_decay=0.0)
+    for step, step_grads in enumerate(grads):
+        for p, g in zip(real, step_grads):
+            p.grad = None if (p is real[0] and step == 0) else g.clone()
+        lamb.step()
+    assert lamb.state[real[0]]["step"] == 2 and lamb.state[real[1]]["step"] == 3
+    want = _reference_lamb(params[:1], grads[1:], lr=0.1, weight_decay=0.0)[0]
+    torch.testing.assert_close(real[0].data, want, rtol=1e-5, atol=1e-6)
+
+
+def _ops_in_step(num_layers: int) -> int:
+    """Operators dispatched by one LAMB step over a stack of `num_layers` linear layers (+ LayerNorms)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for _ in range(num_layers) for m in (torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))])
+    from pipeline.optim.lamb import lamb_param_groups
+
+    lamb = Lamb(lamb_param_groups(model, 0.01), lr=0.1, foreach=True)  # the default on GPU tensors
+    model(torch.randn(4, 8)).square().sum().backward()
+    lamb.step()  # the first step also creates the state, tensor by tensor
+    model(torch.randn(4, 8)).square().sum().backward()
+    with Count():
+        lamb.step()
+    return Count.calls
+
+
+def test_the_step_is_a_fixed_number_of_multi_tensor_operations_whatever_the_layer_count():
+    few, many = _ops_in_step(2), _ops_in_step(12)
+    assert few == many < 60, (few, many)  # a per-tensor loop would add ~10 operations per tensor
