@@ -52,6 +52,7 @@ def ds_config(path: Path, plan: BatchPlan, tensorboard_dir: Path | None = None, 
         raise ConfigError(f"distributed.ds_config: {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    cfg = _without_comments(cfg)
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     owned = {"train_batch_size": plan.global_batch, "train_micro_batch_size_per_gpu": plan.micro_batch,
              "gradient_accumulation_steps": plan.grad_accum, "gradient_clipping": plan.grad_clip}
@@ -70,6 +71,14 @@ def ds_config(path: Path, plan: BatchPlan, tensorboard_dir: Path | None = None, 
     cfg["zero_allow_untested_optimizer"] = True  # the optimizer is ours (LAMB, AdamW): known to work
     cfg.setdefault("steps_per_print", 10**9)  # the pipeline logs; DeepSpeed's own step log is noise
     return cfg
+
+
+def _without_comments(value: Any) -> Any:
+    """JSON has no comments: keys that start with "//" say why a setting is what it is, and are dropped
+    here, at any depth, before DeepSpeed (whose sections refuse unknown keys) sees the config."""
+    if isinstance(value, dict):
+        return {k: _without_comments(v) for k, v in value.items() if not k.startswith("//")}
+    return value
 
 
 def _fill_precision(cfg: dict, precision: str, path: Path, on_gpu: bool, section: str) -> None:

@@ -79,3 +79,12 @@ def test_each_phase_may_set_its_own_warmup(tmp_path):
             "pretrain": {"phases": phases}}
     first, second = plan_phases(load_config(write_config(tmp_path / "a.yaml", base)), world_size=1)
     assert (first.warmup, second.warmup) == (0.5, 0.2)
+
+
+def test_comment_keys_are_dropped_at_any_depth(tmp_path):
+    path = _json(tmp_path, {"//": "why", "zero_optimization": {"// stage": "why this stage", "stage": 1}})
+    cfg = ds_config(path, PLAN, on_gpu=False)
+    assert cfg["zero_optimization"] == {"stage": 1} and "//" not in cfg
+    for name in ("pretrain_zero1_lamb.json", "pretrain_zero2_lamb.json"):
+        shipped = json.dumps(ds_config(REPO / "ds_configs" / name, PLAN, on_gpu=False))
+        assert "//" not in shipped
