@@ -49,7 +49,7 @@ def config(name: str, optimizer: str, phases: list[dict]) -> Path:
            "optimizer": {"name": optimizer, "lr": LR[optimizer]},
            "schedule": {"warmup": 0.2, "decay": "poly", "power": 0.5},
            "pretrain": {"phases": phases, "precision": "fp32", "checkpoint_every": 1000, "eval_every": 1000,
-                        "eval_batches": 20, "log_every": 10, "peak_tflops": 0.15},
+                        "eval_batches": 20, "log_every": 10, "peak_tflops": 0.075},
            "distributed": {"ds_config": str(REPO / "ds_configs/pretrain_onebit_adam.json")}}
     path = ROOT / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -1,14 +1,25 @@
-"""Where one pretrain step's time goes: data, forward, backward, optimizer step (and a torch profile).
+"""Where one pretrain step's time goes, before and after the static step: host vs device, and which
+attention kernel runs.
 
-usage: python bench/step_profile.py PREPARE_DIR [preset] [micro_batch] [precision]
-Builds the same objective, LAMB and DeepSpeed engine as the pretrain stage (ZeRO-1, 1 rank) and
-times each part of the step with device synchronisation, then prints the top operators.
+usage: python bench/step_profile.py PREPARE_DIR [--preset base] [--micro 256] [--seq 128]
+           [--precision bf16] [--steps 12] [--dropout 0.1] [--out bench/results]
+
+Builds the pretrain stage's own pieces (stock HF BERT, sparse MLM head, this project's LAMB, the
+DeepSpeed engine with ds_configs/pretrain_zero1_lamb.json, one rank) on prepared shards, for:
+  eager     as shipped before: 15% masking drawn per token, the sparse head's `nonzero`
+  static    fixed-count masking (static gather), forward + loss compiled as one graph
+  pruned    static, on the EarlyBERT-pruned geometry (4 of 12 heads in every layer, 40% of FFN neurons)
+Per variant: wall time per step (synchronised), the host's time to issue a step (perf_counter around
+the step without a sync: on a GPU, a host-bound step has issue time close to wall time), the device's
+busy time per step (sum of GPU kernel time in a torch profile; CPU: none), and the attention operator
+torch dispatched (`flash` / `efficient` / `math`). Writes step_profile.{json,md} under --out.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -17,12 +28,15 @@ import torch
 from pipeline.config import MaskingConfig, ModelConfig, OptimizerConfig, ScheduleConfig
 from pipeline.data.loader import PretrainLoader, ShardSet
 from pipeline.dist import Dist, detect
+from pipeline.earlybird import random_masks
 from pipeline.engine import BatchPlan, Engine, ds_config
-from pipeline.model.bert import PretrainObjective, bert_config, build_model
+from pipeline.model.bert import PretrainObjective, bert_config, build_model, compile_whole
+from pipeline.model.prune import prune_model
 from pipeline.optim.build import build_optimizer
 from pipeline.optim.schedule import warmup_poly
 
 REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("eager", "static", "pruned")
 
 
 def sync() -> None:
@@ -30,55 +44,108 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    prepare_dir = Path(sys.argv[1])
-    preset = sys.argv[2] if len(sys.argv) > 2 else "base"
-    micro = int(sys.argv[3]) if len(sys.argv) > 3 else 256
-    precision = sys.argv[4] if len(sys.argv) > 4 else "bf16"
-    shards = ShardSet(prepare_dir, 128, "train")
+def build(args: argparse.Namespace, variant: str, shards: ShardSet) -> tuple[Engine, PretrainLoader]:
     torch.manual_seed(0)
-    objective = PretrainObjective(build_model(bert_config(ModelConfig(preset=preset), shards.info.vocab_size), False))
-    optimizer = build_optimizer(OptimizerConfig(), objective, 1e-3)
-    plan = BatchPlan(micro, 1, 1, precision, 1.0)
+    config = bert_config(ModelConfig(preset=args.preset, dropout=args.dropout), shards.info.vocab_size,
+                         shards.info.pad_id)
+    hf = build_model(config, pairs=False)
+    if variant == "pruned":
+        masks = random_masks((config.num_hidden_layers, config.num_attention_heads),
+                             (config.num_hidden_layers, config.intermediate_size), 1 / 3, 0.4, "layerwise", "global",
+                             seed=0)
+        prune_model(hf, masks.to_plan())
+    objective = PretrainObjective(hf)
+    if variant != "eager":
+        compile_whole(objective)
+    optimizer = build_optimizer(OptimizerConfig(), objective, 1e-4)
+    plan = BatchPlan(args.micro, 1, 1, args.precision, 1.0)
     engine = Engine(objective, optimizer, warmup_poly(optimizer, 100, ScheduleConfig()),
                     ds_config(REPO / "ds_configs/pretrain_zero1_lamb.json", plan), Dist(detect(os.environ)))
-    loader = PretrainLoader(shards, micro, MaskingConfig(), seed=1)
-    parts = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
-    steps = 12
-    for i in range(steps + 3):
-        if i == 3:
-            parts = dict.fromkeys(parts, 0.0)
+    loader = PretrainLoader(shards, args.micro, MaskingConfig(fixed_count=variant != "eager"), seed=1)
+    return engine, loader
+
+
+def step(engine: Engine, loader: PretrainLoader) -> torch.Tensor:
+    batch = next(loader)
+    batch.pop("rows")
+    batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+    out = engine(**batch)
+    engine.backward(out.loss)
+    engine.step()
+    return out.loss.detach()
+
+
+def attention_kernel(names: set[str]) -> str:
+    """The SDPA implementation a profile shows: its aten operator names say which one ran."""
+    found = sorted({kind for name in names if "scaled_dot_product" in name
+                    for kind in ("flash", "efficient", "cudnn", "math") if kind in name})
+    return "+".join(found) or "unfused (no SDPA kernel in the profile)"
+
+
+def measure(args: argparse.Namespace, variant: str, shards: ShardSet) -> dict:
+    engine, loader = build(args, variant, shards)
+    for _ in range(3):  # warm-up: compilation, DeepSpeed's first-step allocations
+        step(engine, loader)
+    sync()
+    issue, start = 0.0, time.perf_counter()
+    for _ in range(args.steps):
         t0 = time.perf_counter()
-        batch = {k: v for k, v in next(loader).items() if k != "rows"}
-        sync()
-        t1 = time.perf_counter()
-        out = engine(**batch)
-        sync()
-        t2 = time.perf_counter()
-        engine.backward(out.loss)
-        sync()
-        t3 = time.perf_counter()
-        engine.step()
-        sync()
-        t4 = time.perf_counter()
-        for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            parts[key] += dt
-    total = sum(parts.values())
-    tokens = micro * 128 * steps
-    print(f"{preset} micro {micro} {precision}: {tokens / total:,.0f} tokens/s; per step " +
-          ", ".join(f"{k} {v / steps * 1000:.1f} ms" for k, v in parts.items()))
+        loss = step(engine, loader)
+        issue += time.perf_counter() - t0
+    sync()
+    wall = (time.perf_counter() - start) / args.steps
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(3):
-            batch = {k: v for k, v in next(loader).items() if k != "rows"}
-            out = engine(**batch)
-            engine.backward(out.loss)
-            engine.step()
+            step(engine, loader)
         sync()
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    events = prof.key_averages()
+    device = sum(e.self_device_time_total for e in events) / 3 / 1e6 if torch.cuda.is_available() else None
     loader.close()
+    return {"tokens_per_s": args.micro * args.seq / wall, "wall_ms": wall * 1e3, "issue_ms": issue / args.steps * 1e3,
+            "device_busy_ms": None if device is None else device * 1e3,
+            "attention": attention_kernel({e.key for e in events}), "loss": float(loss),
+            "parameters": sum(p.numel() for p in engine.module.parameters())}
+
+
+def table(args: argparse.Namespace, results: dict, device: str) -> str:
+    lines = [f"{args.preset} geometry, seq {args.seq}, micro-batch {args.micro}, {args.precision}, dropout {args.dropout}, "
+             f"LAMB, ZeRO-1, one rank on {device}; {args.steps} timed steps after 3 warm-up.", "",
+             "| variant | tokens/s | step ms | host issue ms | device busy ms | attention | step ÷ eager |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    base = results.get("eager", {}).get("wall_ms")
+    for name, r in results.items():
+        busy = "—" if r["device_busy_ms"] is None else f"{r['device_busy_ms']:.1f}"
+        ratio = f"{r['wall_ms'] / base:.2f}" if base else "—"
+        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['wall_ms']:.1f} | {r['issue_ms']:.1f} | {busy} "
+                     f"| {r['attention']} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prepare_dir", type=Path)
+    parser.add_argument("--preset", default="base")
+    parser.add_argument("--micro", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+    shards = ShardSet(args.prepare_dir, args.seq, "train")
+    results = {v: measure(args, v, shards) for v in args.variants.split(",")}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    text = table(args, results, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"step_profile_{args.preset}_seq{args.seq}"
+    (args.out / f"{name}.json").write_text(json.dumps({"device": device, **vars(args), "prepare_dir": str(
+        args.prepare_dir), "out": str(args.out), "results": results}, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(text + "\n")
+    print(text)
+    return results
 
 
 if __name__ == "__main__":

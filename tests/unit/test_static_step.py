@@ -92,3 +92,20 @@ def test_forward_and_loss_compile_to_one_graph_equal_to_eager():
     assert out_c.correct == out_e.correct and out_c.masked == out_e.masked
     for (name, a), b in zip(compiled.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "packed"])
+def test_attention_runs_sdpa_flash_kernel_not_the_math_fallback(padded):
+    """Restricted to the flash backend, SDPA raises instead of falling back; the profile names the kernel.
+    (CPU's flash kernel has no dropout, hence dropout 0 here; on a GPU, bench/gpu_pretrain.py checks it with
+    dropout, at seq 512.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    objective, batch = _objective(), _batch()
+    if not padded:
+        batch = {**batch, "attention_mask": None}
+    with torch.profiler.profile() as prof, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        objective(**batch).loss.backward()
+    names = {e.key for e in prof.key_averages()}
+    assert any("scaled_dot_product_flash_attention" in n for n in names), sorted(n for n in names if "attention" in n)
+    assert not any("attention_math" in n for n in names)
