@@ -23,7 +23,7 @@ from pipeline.model.prune import prune_model
 from pipeline.optim.lamb import Lamb, lamb_param_groups
 
 OUT = Path(__file__).resolve().parents[1] / "bench" / "results"
-STEPS, WARMUP, MICRO, SEQ, VOCAB = 6, 2, 8, 128, 30522
+STEPS, WARMUP, MICRO, SEQ, VOCAB = 10, 2, 8, 128, 30522
 
 
 def batches() -> list[dict]:
@@ -62,13 +62,22 @@ def main() -> None:
     prune_model(pruned, masks.to_plan())
     pruned_time = step_time(pruned, data)
     torch.manual_seed(0)
+    aligned = build_model(config, pairs=False)  # the same ticket ratios, FFN widths multiples of 64
+    aligned_masks = random_masks((12, 12), (12, 3072), 1 / 3, 0.4, "layerwise", "global", seed=0, ffn_multiple=64)
+    prune_model(aligned, aligned_masks.to_plan())
+    aligned_time = step_time(aligned, data)
+    torch.manual_seed(0)
     fixed = build_model(config, pairs=False)
     fixed.bert.encoder.layer = torch.nn.ModuleList()  # the embedding feeds the MLM head directly
     fixed_time = step_time(fixed, data)
     encoder = (pruned_time - fixed_time) / (dense_time - fixed_time)
+    aligned_encoder = (aligned_time - fixed_time) / (dense_time - fixed_time)
     result = {"dense_seconds": dense_time, "pruned_seconds": pruned_time, "ratio": pruned_time / dense_time,
-              "fixed_seconds": fixed_time, "encoder_ratio": encoder,
+              "aligned_seconds": aligned_time, "aligned_ratio": aligned_time / dense_time,
+              "fixed_seconds": fixed_time, "encoder_ratio": encoder, "aligned_encoder_ratio": aligned_encoder,
+              "ffn_widths": masks.ffn.sum(1).tolist(), "aligned_ffn_widths": aligned_masks.ffn.sum(1).tolist(),
               "dense_parameters": dense_params, "pruned_parameters": count_parameters(pruned),
+              "aligned_parameters": count_parameters(aligned),
               "threads": torch.get_num_threads()}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "pruned_step_time.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -79,9 +88,13 @@ def main() -> None:
         f"| dense (12 heads, FFN 3072) | {dense_params / 1e6:.1f}M | {dense_time:.2f} | 1.00 |",
         f"| pruned (8 heads per layer, 60% of FFN) | {result['pruned_parameters'] / 1e6:.1f}M | {pruned_time:.2f} "
         f"| {result['ratio']:.2f} |",
+        f"| pruned, FFN widths rounded to multiples of 64 (`search.ffn_multiple: 64`) | "
+        f"{result['aligned_parameters'] / 1e6:.1f}M | {aligned_time:.2f} | {result['aligned_ratio']:.2f} |",
         f"| no encoder layers (embedding, MLM head, their LAMB update) | {count_parameters(fixed) / 1e6:.1f}M "
         f"| {fixed_time:.2f} | {fixed_time / dense_time:.2f} |", "",
-        f"Encoder alone (step minus the no-encoder step): pruned/dense {encoder:.2f}."])
+        f"Encoder alone (step minus the no-encoder step): pruned/dense {encoder:.2f}, with widths multiples of 64 "
+        f"{aligned_encoder:.2f}. FFN widths per layer: {result['ffn_widths']} (rounded: "
+        f"{result['aligned_ffn_widths']})."])
     (OUT / "pruned_step_time.md").write_text(table + "\n")
     print(table)
 

@@ -9,6 +9,7 @@ DeepSpeed engine with ds_configs/pretrain_zero1_lamb.json, one rank) on prepared
   eager     as shipped before: 15% masking drawn per token, the sparse head's `nonzero`
   static    fixed-count masking (static gather), forward + loss compiled as one graph
   pruned    static, on the EarlyBERT-pruned geometry (4 of 12 heads in every layer, 40% of FFN neurons)
+  pruned64  the same, each layer's FFN width rounded to a multiple of 64 (search.ffn_multiple)
 Per variant: wall time per step (synchronised), the host's time to issue a step (perf_counter around
 the step without a sync: on a GPU, a host-bound step has issue time close to wall time), the device's
 busy time per step (sum of GPU kernel time in a torch profile; CPU: none), and the attention operator
@@ -36,7 +37,7 @@ from pipeline.optim.build import build_optimizer
 from pipeline.optim.schedule import warmup_poly
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("eager", "static", "pruned")
+VARIANTS = ("eager", "static", "pruned", "pruned64")
 
 
 def sync() -> None:
@@ -49,10 +50,10 @@ def build(args: argparse.Namespace, variant: str, shards: ShardSet) -> tuple[Eng
     config = bert_config(ModelConfig(preset=args.preset, dropout=args.dropout), shards.info.vocab_size,
                          shards.info.pad_id)
     hf = build_model(config, pairs=False)
-    if variant == "pruned":
+    if variant.startswith("pruned"):
         masks = random_masks((config.num_hidden_layers, config.num_attention_heads),
                              (config.num_hidden_layers, config.intermediate_size), 1 / 3, 0.4, "layerwise", "global",
-                             seed=0)
+                             seed=0, ffn_multiple=64 if variant == "pruned64" else 1)
         prune_model(hf, masks.to_plan())
     objective = PretrainObjective(hf)
     if variant != "eager":

@@ -205,6 +205,9 @@ class SearchConfig(Section):
     ffn_prune_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.4
     head_scope: Literal["layerwise", "global"] = "layerwise"
     ffn_scope: Literal["layerwise", "global"] = "global"
+    # every layer keeps a multiple of this many FFN neurons (its highest-scored), so the pruned matrices
+    # tile the GEMM kernels: 64 for speed on GPUs (bench/pruned_step_time.py); 1 is EarlyBERT's ticket as is
+    ffn_multiple: PosInt = 1
     check_every: PosInt = 100
     fifo_size: Annotated[int, Field(ge=2)] = 5
     # the ticket emerges when the newest mask is this close to each mask in the FIFO, heads and FFN

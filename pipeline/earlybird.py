@@ -27,9 +27,28 @@ class Masks:
                 "ffn": [torch.nonzero(row).squeeze(1).tolist() for row in self.ffn]}
 
 
-def keep_mask(coefficients: torch.Tensor, prune_ratio: float, scope: str) -> torch.Tensor:
-    """Keep all but the `prune_ratio` smallest |c|: in each row (layerwise) or over all rows (global)."""
-    magnitude = coefficients.detach().abs().float()
+def keep_mask(coefficients: torch.Tensor, prune_ratio: float, scope: str, multiple: int = 1) -> torch.Tensor:
+    """Keep all but the `prune_ratio` smallest |c|: in each row (layerwise) or over all rows (global);
+    `multiple` > 1: then each row keeps its count rounded to the nearest multiple (see rounded_rows)."""
+    keep = _keep_mask(coefficients.detach().abs().float(), prune_ratio, scope)
+    return keep if multiple == 1 else rounded_rows(coefficients.detach().abs().float(), keep, multiple)
+
+
+def rounded_rows(magnitude: torch.Tensor, keep: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Each row keeps its largest |c|, as many as its kept count rounded to the nearest `multiple`.
+
+    Matrix widths that are multiples of 64 run at the full rate of the GEMM kernels (tensor-core tiles
+    on GPUs; on 2 CPU cores a 768 x 1856 FFN ran 176 GFLOP/s against 159 at 1843): a global FFN ticket
+    otherwise leaves every layer an odd width. The total kept moves by less than `multiple` / 2 a row.
+    """
+    counts = keep.sum(dim=1).float()
+    target = ((counts / multiple).round() * multiple).clamp(max=magnitude.shape[1]).long()
+    order = magnitude.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    return rank < target.unsqueeze(1)
+
+
+def _keep_mask(magnitude: torch.Tensor, prune_ratio: float, scope: str) -> torch.Tensor:
     if scope == "layerwise":
         drop = int(round(prune_ratio * magnitude.shape[1]))
         order = magnitude.argsort(dim=1, stable=True)
@@ -44,16 +63,16 @@ def keep_mask(coefficients: torch.Tensor, prune_ratio: float, scope: str) -> tor
 
 
 def draw_masks(heads: torch.Tensor, ffn: torch.Tensor, head_ratio: float, ffn_ratio: float,
-               head_scope: str = "layerwise", ffn_scope: str = "global") -> Masks:
-    return Masks(keep_mask(heads, head_ratio, head_scope), keep_mask(ffn, ffn_ratio, ffn_scope))
+               head_scope: str = "layerwise", ffn_scope: str = "global", ffn_multiple: int = 1) -> Masks:
+    return Masks(keep_mask(heads, head_ratio, head_scope), keep_mask(ffn, ffn_ratio, ffn_scope, ffn_multiple))
 
 
 def random_masks(heads_shape: tuple, ffn_shape: tuple, head_ratio: float, ffn_ratio: float, head_scope: str,
-                 ffn_scope: str, seed: int) -> Masks:
+                 ffn_scope: str, seed: int, ffn_multiple: int = 1) -> Masks:
     """The ablation baseline: the same number pruned, chosen at random."""
     gen = torch.Generator().manual_seed(seed)
     return draw_masks(torch.rand(heads_shape, generator=gen), torch.rand(ffn_shape, generator=gen), head_ratio,
-                      ffn_ratio, head_scope, ffn_scope)
+                      ffn_ratio, head_scope, ffn_scope, ffn_multiple)
 
 
 def hamming(a: Masks, b: Masks) -> tuple[float, float]:

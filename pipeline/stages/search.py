@@ -50,7 +50,7 @@ class TicketTracker:
     def masks_of(self, snapshot: dict):
         s = self.s
         return draw_masks(snapshot["heads"], snapshot["ffn"], s.head_prune_ratio, s.ffn_prune_ratio, s.head_scope,
-                          s.ffn_scope)
+                          s.ffn_scope, s.ffn_multiple)
 
     def restore(self, upto_step: int) -> None:
         """After a resume: replay the checks up to the checkpoint the trainer resumed from."""
@@ -109,7 +109,7 @@ def run(ctx: StageContext) -> StageResult:
     if s.mode == "random":
         masks = random_masks((config.num_hidden_layers, config.num_attention_heads),
                              (config.num_hidden_layers, config.intermediate_size), s.head_prune_ratio,
-                             s.ffn_prune_ratio, s.head_scope, s.ffn_scope, cfg.run.seed)
+                             s.ffn_prune_ratio, s.head_scope, s.ffn_scope, cfg.run.seed, s.ffn_multiple)
         return _finish(ctx, masks.to_plan(), config, {"mode": "random", "trained_steps": 0, "emerged_at": None}, None)
     objective = PretrainObjective(hf, sparse=cfg.model.sparse_mlm_head)
     objective.gates = gates_for(hf)

@@ -43,6 +43,21 @@ def test_masks_layerwise_and_global():
     assert rand.heads.sum(1).tolist() == [8] * 12 and int(rand.ffn.sum()) == round(0.6 * 12 * 3072)
 
 
+def test_ffn_widths_rounded_to_a_multiple_keep_each_layers_highest_scores():
+    gen = torch.Generator().manual_seed(3)
+    coef = torch.rand(12, 3072, generator=gen) * torch.linspace(0.5, 1.5, 12).unsqueeze(1)  # layers differ
+    plain = keep_mask(coef, 0.4, "global")
+    rounded = keep_mask(coef, 0.4, "global", multiple=64)
+    counts = rounded.sum(1)
+    assert (counts % 64 == 0).all() and not (plain.sum(1) % 64 == 0).all()
+    assert ((counts - plain.sum(1)).abs() <= 32).all()  # each layer moves to its nearest multiple
+    for row, kept in zip(coef, rounded):  # every kept neuron outscores every dropped one in its layer
+        assert row[kept].min() > row[~kept].max()
+    assert torch.equal(keep_mask(coef, 0.4, "global", multiple=1), plain)
+    ticket = random_masks((12, 12), (12, 3072), 1 / 3, 0.4, "layerwise", "global", seed=0, ffn_multiple=64)
+    assert (ticket.ffn.sum(1) % 64 == 0).all() and ticket.heads.sum(1).tolist() == [8] * 12
+
+
 def _masks(bits: list[int]) -> Masks:
     t = torch.tensor(bits, dtype=torch.bool)
     return Masks(t[:4].reshape(1, 4), t[4:].reshape(1, -1))
