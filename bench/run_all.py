@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 BENCHES = ["prepare_throughput.py", "pretrain_overhead.py", "cpu_demo_mfu.py", "onebit_network.py",
-           "onebit_convergence.py", "pruned_step_time.py", "earlybird_emergence.py"]
+           "onebit_convergence.py", "pruned_step_time.py", "host_overhead.py", "earlybird_emergence.py"]
 
 
 def main() -> int:

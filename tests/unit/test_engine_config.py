@@ -88,3 +88,10 @@ def test_comment_keys_are_dropped_at_any_depth(tmp_path):
     for name in ("pretrain_zero1_lamb.json", "pretrain_zero2_lamb.json"):
         shipped = json.dumps(ds_config(REPO / "ds_configs" / name, PLAN, on_gpu=False))
         assert "//" not in shipped
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_auto_overlap_hooks_gradients_only_when_there_is_a_reduction_to_overlap(world_size):
+    plan = BatchPlan(micro_batch=8, grad_accum=1, world_size=world_size, precision="fp32", grad_clip=1.0)
+    zero = ds_config(REPO / "ds_configs" / "pretrain_zero1_lamb.json", plan, on_gpu=False)["zero_optimization"]
+    assert zero["overlap_comm"] is zero["contiguous_gradients"] is (world_size > 1)
