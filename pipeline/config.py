@@ -206,7 +206,8 @@ class SearchConfig(Section):
     head_scope: Literal["layerwise", "global"] = "layerwise"
     ffn_scope: Literal["layerwise", "global"] = "global"
     # every layer keeps a multiple of this many FFN neurons (its highest-scored), so the pruned matrices
-    # tile the GEMM kernels: 64 for speed on GPUs (bench/pruned_step_time.py); 1 is EarlyBERT's ticket as is
+    # tile GEMM kernels (64: tensor-core tiles; within noise on CPU, bench/pruned_step_time.py); 1 is
+    # EarlyBERT's ticket as drawn
     ffn_multiple: PosInt = 1
     check_every: PosInt = 100
     fifo_size: Annotated[int, Field(ge=2)] = 5
