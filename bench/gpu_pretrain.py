@@ -13,8 +13,8 @@ MFU = model FLOPs per token (matmuls, fwd+bwd) x tokens/s / the peak given (defa
 dense bf16, also the H200's). "loss Δ" is the final logged loss minus the eager run's at the same
 sequence length and micro-batch; "noise" is that eager run's spread (std) over its last logged intervals.
 Then bench/step_profile.py's in-process measurement, static step: dense vs EarlyBERT-pruned BERT-base
-(P4: 4 of 12 heads, 40% of FFN; and with FFN widths multiples of 64), and at seq 512 which SDPA kernel ran (flash or memory-efficient is
-asserted on a GPU; packed rows carry no mask).
+(P4: 4 of 12 heads, 40% of FFN; and with FFN widths multiples of 64), and at seq 512 which SDPA kernel
+ran (flash or memory-efficient is asserted on a GPU; packed rows carry no mask).
 Writes gpu_pretrain.md and adds this run's variants to gpu_pretrain.json under --out (default bench/results).
 """
 
@@ -86,7 +86,8 @@ def step_rows(args: argparse.Namespace) -> dict:
     import step_profile
 
     prepare = str(args.root / args.base / "prepare")
-    common = ["--preset", args.preset, "--precision", args.precision, "--steps", "8", "--out", str(args.out / "profiles")]
+    common = ["--preset", args.preset, "--precision", args.precision, "--steps", "8",
+              "--out", str(args.out / "profiles")]
     micro = str(max(int(256 * args.micro_scale), 1))
     p4 = step_profile.main([prepare, *common, "--seq", "128", "--micro", micro, "--variants", "static,pruned,pruned64"])
     long_dropout = "0.1" if args.precision != "fp32" else "0.0"  # CPU's flash kernel has no dropout
@@ -99,7 +100,8 @@ def step_rows(args: argparse.Namespace) -> dict:
 
 def table(args: argparse.Namespace, results: dict, steps: dict, device: str) -> str:
     lines = [f"{args.preset} geometry, LAMB, sparse MLM head, {args.precision}, one {device}; ZeRO-1 unless named; "
-             f"median over logged intervals after the first, {args.steps} steps; MFU against {args.peak:g} TFLOP/s.", "",
+             f"median over logged intervals after the first, {args.steps} steps; MFU against {args.peak:g} TFLOP/s.",
+             "",
              "| variant | tokens/s | MFU | loss at end | loss Δ vs eager (noise) |", "|---|---:|---:|---:|---:|"]
     for name, r in results.items():
         if "error" in r:
@@ -107,9 +109,11 @@ def table(args: argparse.Namespace, results: dict, steps: dict, device: str) -> 
             continue
         base = next((b for n, b in results.items() if "eager" in n and "error" not in b
                      and (b["seq"], b["micro"]) == (r["seq"], r["micro"])), None)
-        delta = "—" if base is None or base is r else (
-            f"{r['final_loss'] - base['final_loss']:+.3f} ({base['loss_spread']:.3f})" if base["loss_spread"] is not None
-            else f"{r['final_loss'] - base['final_loss']:+.3f}")
+        delta = "—"
+        if base is not None and base is not r:
+            delta = f"{r['final_loss'] - base['final_loss']:+.3f}"
+            if base["loss_spread"] is not None:
+                delta += f" ({base['loss_spread']:.3f})"
         lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['final_loss']:.3f} | {delta} |")
     if steps:
         lines += ["", f"P4, static step at seq 128 (bench/step_profile.py): pruned/dense step time "

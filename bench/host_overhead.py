@@ -124,8 +124,8 @@ def main() -> None:
     base = rows["plain loop, eager"]["median_ms"]
     lines = [f"Host time per step at BERT-base's structure (12 layers, 12 heads, 202 tensors, LAMB, sparse MLM head) "
              f"with negligible arithmetic (hidden 48, FFN 192, vocab {VOCAB:,}, seq {SEQ}, micro-batch {MICRO}), "
-             f"1 CPU thread, medians of {STEPS - WARMUP} steps after {WARMUP}. For scale: BERT-base's GPU time per step "
-             f"at 50% MFU on an H100 (seq 128, micro-batch 256) is {budget:.0f} ms.", "",
+             f"1 CPU thread, medians of {STEPS - WARMUP} steps after {WARMUP}. For scale: BERT-base's GPU time "
+             f"per step at 50% MFU on an H100 (seq 128, micro-batch 256) is {budget:.0f} ms.", "",
              "| loop | host ms per step | forward | backward | optimizer step | ÷ plain eager |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():

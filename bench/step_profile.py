@@ -111,7 +111,8 @@ def measure(args: argparse.Namespace, variant: str, shards: ShardSet) -> dict:
 
 
 def table(args: argparse.Namespace, results: dict, device: str) -> str:
-    lines = [f"{args.preset} geometry, seq {args.seq}, micro-batch {args.micro}, {args.precision}, dropout {args.dropout}, "
+    lines = [f"{args.preset} geometry, seq {args.seq}, micro-batch {args.micro}, {args.precision}, "
+             f"dropout {args.dropout}, "
              f"LAMB, ZeRO-1, one rank on {device}; {args.steps} timed steps after 3 warm-up.", "",
              "| variant | tokens/s | step ms | host issue ms | device busy ms | attention | step ÷ eager |",
              "|---|---:|---:|---:|---:|---|---:|"]

@@ -63,7 +63,8 @@ def search_section(data: RunData, search_cfg, out: Path) -> list[str]:
 
         s = search_cfg
         heads = [draw_masks(snap["heads"], snap["ffn"], s.head_prune_ratio, s.ffn_prune_ratio, s.head_scope,
-                            s.ffn_scope, s.ffn_multiple).heads.numpy().astype(np.float32) for snap in snapshots["snapshots"]]
+                            s.ffn_scope, s.ffn_multiple).heads.numpy().astype(np.float32)
+                 for snap in snapshots["snapshots"]]
         path = plot_head_masks(snapshots["steps"], heads, out / "search_head_masks.png")
         lines += [f"![kept heads per check]({path.name})", ""]
     if history.get("steps") and search_cfg is not None:
