@@ -9,6 +9,7 @@ Seq 128 and 512 variants run the real pretrain stage (DeepSpeed, ZeRO-1 unless n
 head) in a process each:
   eager            15% masking per token, the sparse head's `nonzero`, nothing compiled (as shipped before)
   static+compiled  fixed-count masking (static shapes, no host sync) and forward + loss as one compiled graph
+  +CUDA graphs     the same compiled with mode "reduce-overhead" (pretrain.compile_mode)
 MFU = model FLOPs per token (matmuls, fwd+bwd) x tokens/s / the peak given (default 989 TFLOP/s: H100 SXM
 dense bf16, also the H200's). "loss Δ" is the final logged loss minus the eager run's at the same
 sequence length and micro-batch; "noise" is that eager run's spread (std) over its last logged intervals.
@@ -37,6 +38,7 @@ VARIANTS = {  # name: (seq, micro, settings)
     "seq 128, static+compiled, micro 128": (128, 128, STATIC),
     "seq 128, static+compiled, micro 256": (128, 256, STATIC),
     "seq 128, static+compiled, micro 512": (128, 512, STATIC),
+    "seq 128, static+compiled+CUDA graphs, micro 256": (128, 256, {**STATIC, "compile_mode": "reduce-overhead"}),
     "seq 128, static+compiled, micro 512, ZeRO-2": (128, 512, {**STATIC, "ds_config": "pretrain_zero2_lamb.json"}),
     "seq 512, eager, micro 64": (512, 64, EAGER),
     "seq 512, static+compiled, micro 64": (512, 64, STATIC),
@@ -54,7 +56,7 @@ def variant_config(args: argparse.Namespace, run: str, seq: int, micro: int, set
                                      "micro_batch_size": micro}],
                          "precision": args.precision, "checkpoint_every": 10**6, "eval_every": 10**6,
                          "log_every": max(args.steps // 6, 1), "peak_tflops": args.peak,
-                         "compile": settings["compile"]},
+                         "compile": settings["compile"], "compile_mode": settings.get("compile_mode", "default")},
             "distributed": {"ds_config": str(REPO / "ds_configs" / settings.get("ds_config",
                                                                                "pretrain_zero1_lamb.json"))}}
 

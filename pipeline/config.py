@@ -189,6 +189,9 @@ class PretrainConfig(Section):
     log_every: PosInt = 10
     peak_tflops: Annotated[float, Field(gt=0.0)] = 989.0  # per device, for MFU (H100 bf16 dense)
     compile: bool = False  # torch.compile the encoder (static shapes per phase); worth it on GPU
+    # torch.compile's mode; "reduce-overhead" replays the compiled forward + backward as CUDA graphs
+    # (GPU only; it needs the static step: data.masking.fixed_count)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
 
 class DistributedConfig(Section):

@@ -98,12 +98,23 @@ class PretrainObjective(nn.Module):
                       nsp_loss=None if nsp_loss is None else nsp_loss.detach())
 
 
-def compile_whole(objective: PretrainObjective) -> None:
+def compile_whole(objective: PretrainObjective, mode: str = "default") -> None:
     """Forward and loss as one graph (`fullgraph`: a graph break is an error), for static batches (fixed-count
     masking). The bound forward is compiled, not the module: `Module.compile` would trace the hooks a
     training engine puts on the module too (DeepSpeed's throughput timer cannot be traced). Parameter
-    names, and so the export, stay stock."""
-    objective.forward = torch.compile(objective.forward, fullgraph=True)
+    names, and so the export, stay stock. `mode="reduce-overhead"`: CUDA graphs on a GPU (none on CPU)."""
+    compiled = torch.compile(objective.forward, fullgraph=True, mode=mode)
+    if mode != "reduce-overhead":
+        objective.forward = compiled
+        return
+
+    def forward(*args, **kwargs):
+        # every call is a new step for the graphs' memory: the previous call's outputs (read into the
+        # step's metric sums before this call) may be overwritten
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    objective.forward = forward
 
 
 def layer_widths(hf: nn.Module) -> list[tuple[int, int]]:

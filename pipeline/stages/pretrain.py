@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import RunConfig
 from pipeline.data.loader import manifest_tokenizer, read_manifest
 from pipeline.data.tokenizer import tokenizer_info
 from pipeline.errors import ConfigError, StageInputError
@@ -54,10 +55,7 @@ def run(ctx: StageContext) -> StageResult:
     config = bert_config(cfg.model, info.vocab_size, info.pad_id)
     objective = PretrainObjective(build_model(config, pairs=manifest["objective"] != "mlm"),
                                   sparse=cfg.model.sparse_mlm_head)
-    if cfg.pretrain.compile and cfg.data.masking.fixed_count:  # static shapes: forward + loss, one graph
-        compile_whole(objective)
-    elif cfg.pretrain.compile:  # `nonzero` in the sparse head: the encoder alone
-        objective.hf.bert.compile()
+    compile_objective(objective, cfg)
     ctx.log.info(f"model: {cfg.model.preset}, {count_parameters(objective) / 1e6:.1f}M parameters, "
                  f"vocab {info.vocab_size}, {'sparse' if cfg.model.sparse_mlm_head else 'dense'} MLM head")
 
@@ -68,6 +66,19 @@ def run(ctx: StageContext) -> StageResult:
     summary = trainer.run()
     outputs = export_model(ctx, trainer.engine.module.hf, prepare_dir / "tokenizer")
     return StageResult(outputs=outputs, metrics=_metrics(summary, objective))
+
+
+def compile_objective(objective: PretrainObjective, cfg: RunConfig) -> None:
+    """`pretrain.compile`: with static batches forward + loss as one graph, else the encoder alone (the
+    sparse head's `nonzero` would break the graph)."""
+    mode = cfg.pretrain.compile_mode
+    if mode == "reduce-overhead" and not (cfg.pretrain.compile and cfg.data.masking.fixed_count):
+        raise ConfigError("pretrain.compile_mode: reduce-overhead (CUDA graphs) needs pretrain.compile: true and "
+                          "data.masking.fixed_count: true (static shapes, no host sync in the step)")
+    if cfg.pretrain.compile and cfg.data.masking.fixed_count:
+        compile_whole(objective, mode)
+    elif cfg.pretrain.compile:
+        objective.hf.bert.compile(mode=mode)
 
 
 def export_model(ctx: StageContext, hf_model: torch.nn.Module, tokenizer_dir: Path) -> list[Path]:

@@ -109,3 +109,15 @@ def test_attention_runs_sdpa_flash_kernel_not_the_math_fallback(padded):
     names = {e.key for e in prof.key_averages()}
     assert any("scaled_dot_product_flash_attention" in n for n in names), sorted(n for n in names if "attention" in n)
     assert not any("attention_math" in n for n in names)
+
+
+def test_cuda_graphs_are_refused_without_the_static_step(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.stages.pretrain import compile_objective
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path / "run.yaml", {"run": {"name": "r", "root": str(tmp_path)},
+                                                "pretrain": {"compile": True, "compile_mode": "reduce-overhead"}})
+    with pytest.raises(ConfigError, match="data.masking.fixed_count"):
+        compile_objective(_objective(), load_config(path))
