@@ -15,7 +15,8 @@ each eager (15% masking, the sparse head's `nonzero`) and static + compiled (fix
 forward + loss as one graph); the step split into forward, backward (with the engine's hooks) and
 optimizer step (with the engine's gradient copies, clipping norm and parameter copies). The budget
 line: BERT-base's GPU time per step at 50% MFU on an H100 (989 TFLOP/s dense bf16), micro-batch 256,
-seq 128, from the model's FLOP count.
+seq 128, from the model's FLOP count. "host reads": operations in one step whose result the host reads
+back (`.item()`, `nonzero`, ...): each one a device sync on a GPU.
 Writes bench/results/host_overhead.{json,md}.
 """
 
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.config import MaskingConfig, ModelConfig, OptimizerConfig
 from pipeline.data.masking import mask_tokens, masked_positions, positions_per_row
@@ -100,7 +102,25 @@ def step_times(loop: str, static: bool) -> dict[str, list[float]]:
         if i >= WARMUP:
             for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
                 parts[key].append(dt)
+    # one more step, counting what it reads back; compiled code runs eagerly for it (a dispatch mode cannot
+    # be traced): the same operations
+    with torch.compiler.set_stance("force_eager"), HostReads() as reads:
+        backward(forward(data[0]))
+        step()
+    parts["host_reads"] = [float(reads.count)]
     return parts
+
+
+class HostReads(TorchDispatchMode):
+    """Counts operations whose result the host reads (each a device sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in ("_local_scalar_dense", "nonzero", "masked_select", "item")
+        return func(*args, **(kwargs or {}))
 
 
 def gpu_budget_ms() -> float:
@@ -116,9 +136,10 @@ def main() -> None:
     for loop in LOOPS:
         for static in (False, True):
             parts = step_times(loop, static)
+            reads = int(parts.pop("host_reads")[0])
             total = [sum(t) for t in zip(*parts.values())]
             rows[f"{loop}, {'static+compiled' if static else 'eager'}"] = {
-                "median_ms": statistics.median(total) * 1e3,
+                "median_ms": statistics.median(total) * 1e3, "host_reads": reads,
                 **{f"{k}_ms": statistics.median(v) * 1e3 for k, v in parts.items()}}
     budget = gpu_budget_ms()
     base = rows["plain loop, eager"]["median_ms"]
@@ -126,11 +147,11 @@ def main() -> None:
              f"with negligible arithmetic (hidden 48, FFN 192, vocab {VOCAB:,}, seq {SEQ}, micro-batch {MICRO}), "
              f"1 CPU thread, medians of {STEPS - WARMUP} steps after {WARMUP}. For scale: BERT-base's GPU time "
              f"per step at 50% MFU on an H100 (seq 128, micro-batch 256) is {budget:.0f} ms.", "",
-             "| loop | host ms per step | forward | backward | optimizer step | ÷ plain eager |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| loop | host ms per step | forward | backward | optimizer step | ÷ plain eager | host reads |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['median_ms']:.1f} | {r['forward_ms']:.1f} | {r['backward_ms']:.1f} "
-                     f"| {r['step_ms']:.1f} | {r['median_ms'] / base:.2f} |")
+                     f"| {r['step_ms']:.1f} | {r['median_ms'] / base:.2f} | {r['host_reads']} |")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "host_overhead.json").write_text(json.dumps({"gpu_budget_ms": budget, "rows": rows}, indent=2) + "\n")
     (OUT / "host_overhead.md").write_text("\n".join(lines) + "\n")

@@ -109,8 +109,11 @@ class PretrainLoader:
     """Infinite iterator of masked micro-batches for one rank, with exact resume and prefetch."""
 
     def __init__(self, shards: ShardSet, micro_batch: int, masking: MaskingConfig, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, prefetch: int = 4):
+                 world_size: int = 1, shuffle: bool = True, prefetch: int = 4, pin_memory: bool | None = None):
         self.shards, self.micro_batch, self.masking = shards, micro_batch, masking
+        # page-locked batches (built on the prefetch thread) let the copy to a GPU run behind the step:
+        # from pageable memory CUDA first waits for every kernel queued before it (a sync per batch)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed, self.rank, self.world_size, self.shuffle, self.prefetch = seed, rank, world_size, shuffle, prefetch
         self.rows_per_rank = len(shards) // world_size
         self.batches_per_epoch = self.rows_per_rank // micro_batch
@@ -228,6 +231,8 @@ class _Prefetcher:
         try:
             while not self._stop.is_set():
                 item = loader.make_batch(epoch, index)
+                if loader.pin_memory:
+                    item = {k: v if k == "rows" else v.pin_memory() for k, v in item.items()}
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)

@@ -89,11 +89,13 @@ class Lamb(torch.optim.Optimizer):
         self.foreach = foreach  # multi-tensor kernels; None: on GPU tensors only (see adam_directions)
         self._layouts: list[FlatLayout | None] = [None] * len(self.param_groups)
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # per parameter: the update, rebuilt each step
+        self._owner_index: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def set_layouts(self, layouts: list[FlatLayout | None]) -> None:
         if len(layouts) != len(self.param_groups):
             raise ValueError(f"{len(layouts)} layouts for {len(self.param_groups)} param groups")
         self._layouts = list(layouts)
+        self._owner_index: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -108,7 +110,8 @@ class Lamb(torch.optim.Optimizer):
                 continue
             updates = self._adam_updates(params, group)
             if flat:
-                partial += [torch.stack([_tensor_sq_sums(p, layout), _tensor_sq_sums(u, layout)])
+                index = self._owners_on(layout, params[0].device)
+                partial += [torch.stack([_tensor_sq_sums(p, layout, index), _tensor_sq_sums(u, layout, index)])
                             for p, u in zip(params, updates)]
             pending.append((params, updates, group, layout if flat else None))
         totals = self._reduce(partial, [item[3] for item in pending if item[3] is not None])
@@ -116,12 +119,21 @@ class Lamb(torch.optim.Optimizer):
             if layout is not None:
                 for update in updates:
                     w_sq, u_sq = totals.pop(0)
-                    ratio = trust_ratio(w_sq.sqrt(), u_sq.sqrt(), self.trust_ratio_clip)[list(layout.kept_owners)]
+                    ratio = trust_ratio(w_sq.sqrt(), u_sq.sqrt(), self.trust_ratio_clip).index_select(
+                        0, self._owners_on(layout, update.device))
                     torch._foreach_mul_(_views(update, layout), list(ratio.unbind()))
             elif group["trust_ratio"]:
                 torch._foreach_mul_(updates, list(tensor_ratios(params, updates, self.trust_ratio_clip).unbind()))
             torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-group["lr"])
         return loss
+
+    def _owners_on(self, layout: FlatLayout, device: torch.device) -> torch.Tensor:
+        """The layout's owner indices as a tensor on `device`, made once: indexing a GPU tensor with a
+        Python list copies the list from pageable memory each time, and CUDA syncs the stream first."""
+        key = (id(layout), device)
+        if key not in self._owner_index:
+            self._owner_index[key] = torch.tensor(layout.kept_owners, dtype=torch.long, device=device)
+        return self._owner_index[key]
 
     def _adam_updates(self, params: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """The group's Adam directions, in kernels over all its tensors at once (see adam_directions)."""
@@ -169,7 +181,7 @@ def _views(flat: torch.Tensor, layout: FlatLayout) -> list[torch.Tensor]:
     return [flat[start:start + length] for start, length in zip(layout.kept_starts, layout.kept_lengths)]
 
 
-def _tensor_sq_sums(flat: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
+def _tensor_sq_sums(flat: torch.Tensor, layout: FlatLayout, owners: torch.Tensor) -> torch.Tensor:
     """Per original tensor: the sum of squares over the stretch of it this rank holds.
 
     One multi-tensor kernel over views (`_foreach_norm`), as fused LAMB implementations do;
@@ -177,8 +189,7 @@ def _tensor_sq_sums(flat: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
     """
     norms = torch._foreach_norm(_views(flat if flat.dtype == torch.float32 else flat.float(), layout))
     sums = torch.zeros(layout.num_tensors, dtype=torch.float32, device=flat.device)
-    sums[list(layout.kept_owners)] = torch.stack(norms) ** 2
-    return sums
+    return sums.index_copy_(0, owners, torch.stack(norms) ** 2)
 
 
 def adam_directions(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],

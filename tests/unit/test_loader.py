@@ -174,3 +174,14 @@ def test_fixed_count_masking_statistics_and_static_positions(prepared):
 def test_fixed_count_and_whole_word_are_refused_together():
     with pytest.raises(ValueError, match="fixed_count"):
         MaskingConfig(fixed_count=True, whole_word=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_are_page_locked_on_a_gpu_machine_so_their_copy_does_not_wait_for_the_step(prepared):
+    loader = _loader(prepared)
+    assert loader.pin_memory
+    batch = next(loader)
+    assert all(v.is_pinned() for k, v in batch.items() if k != "rows")
+    loader.close()
+
