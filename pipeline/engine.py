@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,7 @@ class Engine:
         # gradients: for AdamW a spurious step (weight decay, an extra bias-correction count), for
         # the 1-bit optimizers a warmup step. Told apart here, where it is known, rather than by
         # each optimizer guessing from its gradients (a guess one rank could make and another not).
+        cfg = clipping_in_optimizer(cfg, optimizer)
         own_step = optimizer.__dict__.get("step")  # torch's LR scheduler wraps step() on the instance
         optimizer.step = lambda closure=None: None
         try:
@@ -162,6 +164,8 @@ class Engine:
                 optimizer.step = own_step
         if hasattr(optimizer, "set_layouts"):
             optimizer.set_layouts(flat_layouts(self.optimizer, len(optimizer.param_groups)))
+        if getattr(optimizer, "max_grad_norm", 0.0):
+            optimizer.grad_norm_source = zero_norm_source(self.optimizer)
         if hasattr(optimizer, "attach"):  # 1-bit optimizers switch the engine's all-reduce off after warmup
             optimizer.attach(lambda on: setattr(self.ds, "enable_backward_allreduce", on))
         self.client_optimizer = optimizer
@@ -246,8 +250,14 @@ class Engine:
         return None
 
     def grad_norm(self) -> float | None:
-        norm = self.ds.get_global_grad_norm()
+        norm = getattr(self.client_optimizer, "grad_norm", None)  # clipping in the optimizer: its norm
+        norm = self.ds.get_global_grad_norm() if norm is None else norm
         return None if norm is None else float(norm)
+
+    def nonfinite_steps(self) -> int:
+        """Steps whose gradient norm was inf/NaN (their weights left as they were), so far."""
+        count = getattr(self.client_optimizer, "nonfinite_steps", None)
+        return 0 if count is None else int(count)
 
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
@@ -277,6 +287,27 @@ class Engine:
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag} in {directory}")
         return client or {}
+
+
+def clipping_in_optimizer(cfg: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """Hand gradient clipping to an optimizer that does it on the device (LAMB, 1-bit LAMB), and turn off
+    what in DeepSpeed's step reads values back to the host: its clipping (a validity check per parameter
+    group) and bf16's overflow check. Those made the host wait for the GPU in every step
+    (bench/results/host_overhead.md counts them). fp16 keeps DeepSpeed's: its loss scaler needs the check."""
+    if not hasattr(optimizer, "max_grad_norm") or cfg.get("fp16", {}).get("enabled"):
+        return cfg
+    optimizer.max_grad_norm = float(cfg.get("gradient_clipping") or 0.0) or float("inf")  # inf: check, no clip
+    return {**cfg, "gradient_clipping": 0.0, "bf16": {**cfg.get("bf16", {}), "check_grad_overflow": False}}
+
+
+def zero_norm_source(ds_optimizer: Any) -> Callable[[], Any] | None:
+    """ZeRO-1/2 compute the global gradient norm (on the device, all ranks' partitions) and then call the
+    client optimizer once per parameter group: the optimizer clips with that norm, read where ZeRO keeps it."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(ds_optimizer, DeepSpeedZeroOptimizer):
+        return None
+    return lambda: ds_optimizer._global_grad_norm
 
 
 def flat_layouts(ds_optimizer: Any, n_groups: int) -> list[FlatLayout | None]:

@@ -259,6 +259,7 @@ class Trainer:
         return {"phase": plan.index, "step": state.step, "loss": stats["loss"], "mlm_loss": stats["mlm_loss"],
                 "comm_bytes_per_step": comm,
                 "mlm_acc": stats["mlm_acc"], "lr": engine.lr(), "grad_norm": engine.grad_norm(),
+                "nonfinite_grad_steps": engine.nonfinite_steps(),
                 "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / plan.seq_len, "mfu": flops / peak,
                 "tokens": state.tokens, "rows_digest": stats["rows_digest"], "time": time.time()}
 

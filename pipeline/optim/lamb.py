@@ -25,6 +25,7 @@ partition can hold only zero gradients (unused embedding rows) while the others'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,13 @@ class Lamb(torch.optim.Optimizer):
         self.trust_ratio_clip = trust_ratio_clip
         self.per_tensor = per_tensor  # False: one ratio per flat tensor (the naive, wrong, way)
         self.foreach = foreach  # multi-tensor kernels; None: on GPU tensors only (see adam_directions)
+        # global-norm gradient clipping inside the step, on the device (set by the engine, which then
+        # turns DeepSpeed's own off: its clipping and overflow checks read values back to the host)
+        self.max_grad_norm = 0.0
+        # ZeRO-1/2 call step() once per parameter group, after computing the global norm: its source
+        self.grad_norm_source: Callable[[], torch.Tensor] | None = None
+        self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping; read at log time
+        self.nonfinite_steps: torch.Tensor | None = None  # steps whose gradient norm was inf/NaN
         self._layouts: list[FlatLayout | None] = [None] * len(self.param_groups)
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # per parameter: the update, rebuilt each step
         self._owner_index: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -100,6 +108,7 @@ class Lamb(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        finite = self._clip_gradients() if self.max_grad_norm else None
         pending = []  # (params, updates, group, layout) per group, awaiting trust ratios
         partial = []  # per flat-laid-out param: [sum w^2 per tensor, sum u^2 per tensor]
         for group, layout in zip(self.param_groups, self._layouts):
@@ -124,8 +133,24 @@ class Lamb(torch.optim.Optimizer):
                     torch._foreach_mul_(_views(update, layout), list(ratio.unbind()))
             elif group["trust_ratio"]:
                 torch._foreach_mul_(updates, list(tensor_ratios(params, updates, self.trust_ratio_clip).unbind()))
+            if finite is not None:  # a non-finite gradient moves no weight (decided on the device)
+                torch._foreach_mul_(updates, finite)
             torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-group["lr"])
         return loss
+
+    def _clip_gradients(self) -> torch.Tensor:
+        grads, pieces = [], []  # pieces: what the norm is over (a partition's padding is not a gradient)
+        for group, layout in zip(self.param_groups, self._layouts):
+            for param in group["params"]:
+                if param.grad is not None:
+                    grads.append(param.grad)
+                    pieces += [param.grad] if layout is None else _views(param.grad, layout)
+        given = None if self.grad_norm_source is None else torch.as_tensor(self.grad_norm_source())
+        finite, norm = clip_gradients(grads, self.max_grad_norm, self._layouts, pieces, norm=given)
+        if norm is not self.grad_norm:  # once per step, not once per parameter group
+            self.nonfinite_steps = count_nonfinite(self.nonfinite_steps, finite)
+        self.grad_norm = norm
+        return finite
 
     def _owners_on(self, layout: FlatLayout, device: torch.device) -> torch.Tensor:
         """The layout's owner indices as a tensor on `device`, made once: indexing a GPU tensor with a
@@ -241,6 +266,37 @@ def adam_direction(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
     if group["weight_decay"]:
         update.add_(param.float(), alpha=group["weight_decay"])
     return update
+
+
+def clip_gradients(grads: list[torch.Tensor], max_norm: float, layouts: list[FlatLayout | None],
+                   pieces: list[torch.Tensor] | None = None,
+                   norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale `grads` by min(1, max_norm / (||g|| + 1e-6)) (DeepSpeed's formula), ||g|| over every partition
+    (one scalar all-reduce where `layouts` are partitioned), all on the device. Non-finite values are
+    zeroed. Returns (1.0 if the norm was finite else 0.0, the norm before clipping): a caller multiplies
+    its update by the first, so such a step moves no weight, decided without reading anything back.
+    `pieces`: the views of `grads` the norm is taken over (default: all of them); `norm`: the global norm,
+    when the caller already has it (DeepSpeed's ZeRO computes it, then steps one group at a time; it
+    reports inf/NaN as a negative number)."""
+    if norm is None:
+        squares = torch.stack(torch._foreach_norm(_as_float(grads if pieces is None else pieces))).square().sum()
+        groups = {id(lay.group): lay.group for lay in layouts if lay is not None and lay.group is not None}
+        if tdist.is_available() and tdist.is_initialized():
+            for group in groups.values():  # partitioned: each rank holds a slice of every gradient
+                tdist.all_reduce(squares, group=group)
+        norm = squares.sqrt()
+    finite = torch.isfinite(norm) & (norm >= 0)
+    for grad in grads:
+        torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    clip = torch.where(finite, ((norm + 1e-6) / max_norm).clamp(min=1.0), torch.ones_like(norm))
+    torch._foreach_mul_(grads, clip.reciprocal())
+    return finite.float(), norm
+
+
+def count_nonfinite(count: torch.Tensor | None, finite: torch.Tensor) -> torch.Tensor:
+    """A running count of steps with a non-finite gradient norm, kept on the device."""
+    skipped = (finite == 0).long()
+    return skipped if count is None else count + skipped
 
 
 def tensor_ratios(params: list[torch.Tensor], updates: list[torch.Tensor], clip: tuple[float, float]) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch.distributed as tdist
 from torch.optim.adamw import adamw
 
 from pipeline.optim.compress import CompressedAllreduce, padded_size
-from pipeline.optim.lamb import adam_directions, tensor_ratios
+from pipeline.optim.lamb import adam_directions, clip_gradients, count_nonfinite, tensor_ratios
 
 
 class OnebitOptimizer(torch.optim.Optimizer):
@@ -52,6 +52,7 @@ class OnebitOptimizer(torch.optim.Optimizer):
         self.compressor: CompressedAllreduce | None = None
         self._set_allreduce: Callable[[bool], None] | None = None
         self._buffers_ready = False
+        self._finite: torch.Tensor | None = None  # this step's "gradient norm was finite" (1.0/0.0), if clipped here
 
     def _ensure_buffers(self) -> None:
         """Flat state over the parameters the optimizer holds *now*, on their device.
@@ -105,12 +106,14 @@ class OnebitOptimizer(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         self._ensure_buffers()
         self.step_count += 1
+        grads = self._grads()
+        self._finite = self._clip(grads)
         if self.step_count <= self.freeze_step:
-            self._warmup_step(self._grads())
+            self._warmup_step(grads)
             if self.step_count == self.freeze_step:
                 self._freeze()
         else:
-            self._compressed_step(self._grads())
+            self._compressed_step(grads)
         if self._set_allreduce is not None:
             self._set_allreduce(self.step_count < self.freeze_step)
         return loss
@@ -151,6 +154,10 @@ class OnebitOptimizer(torch.optim.Optimizer):
             if scale is not None:
                 m.div_(scale)
             m.mul_(denom)
+
+    def _clip(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """Clipping inside the step: none here (DeepSpeed clips, as for AdamW); 1-bit LAMB does, as LAMB."""
+        return None
 
     def _correction1(self) -> float:
         return 1 - self.param_groups[0]["betas"][0] ** self.step_count
@@ -241,6 +248,18 @@ class OnebitLamb(OnebitOptimizer):
         super().__init__(params, lr, betas, eps, weight_decay, freeze_step)
         self.trust_ratio_clip, self.coeff_beta = trust_ratio_clip, coeff_beta
         self.factor_min, self.factor_max, self.factor_threshold = factor_min, factor_max, factor_threshold
+        self.max_grad_norm = 0.0  # set by the engine: clipping in the step, as LAMB (lamb.clip_gradients)
+        self.grad_norm: torch.Tensor | None = None
+        self.nonfinite_steps: torch.Tensor | None = None
+
+    def _clip(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        if not self.max_grad_norm:
+            return None
+        # whole tensors (stage 0): the local norm; after the freeze, of this rank's own gradient, as
+        # DeepSpeed's clipping had it then
+        finite, self.grad_norm = clip_gradients(grads, self.max_grad_norm, [])
+        self.nonfinite_steps = count_nonfinite(self.nonfinite_steps, finite)
+        return finite
 
     def _ensure_buffers(self) -> None:
         if self._buffers_ready:
@@ -274,6 +293,8 @@ class OnebitLamb(OnebitOptimizer):
                 ratios = tensor_ratios(params, updates, self.trust_ratio_clip)
                 torch._foreach_mul_(updates, list(ratios.unbind()))
                 self.coeff_avg[held] = beta * self.coeff_avg[held] + (1 - beta) * ratios
+            if self._finite is not None:  # a non-finite gradient moves no weight
+                torch._foreach_mul_(updates, self._finite)
             torch._foreach_add_(params, [u.to(p.dtype) for p, u in zip(params, updates)], alpha=-group["lr"])
 
     def _freeze(self) -> None:
@@ -309,8 +330,9 @@ class OnebitLamb(OnebitOptimizer):
             prelim = update.norm()
             if group["weight_decay"]:
                 update.add_(p, alpha=group["weight_decay"])
+            keep = 1.0 if self._finite is None else self._finite  # a non-finite gradient moves no weight
             if not self._adapts(group):
-                p.add_(update, alpha=-group["lr"])
+                p.add_(update.mul_(keep), alpha=-group["lr"])
                 continue
             if group["weight_decay"]:  # the decay's share of the step is not the variance's business
                 share = torch.clamp(prelim / update.norm().clamp(min=1e-30), max=1.0)
@@ -320,7 +342,7 @@ class OnebitLamb(OnebitOptimizer):
             factor = torch.minimum(torch.maximum(factor, last * (1 - self.factor_threshold)),
                                    last * (1 + self.factor_threshold))
             self.last_factor[i] = factor
-            p.add_(update.mul_(self.coeff_frozen[i] * factor), alpha=-group["lr"])
+            p.add_(update.mul_(self.coeff_frozen[i] * factor * keep), alpha=-group["lr"])
 
 
 def onebit_adam(params, lr, betas, eps, weight_decay, freeze_step) -> OnebitAdam:

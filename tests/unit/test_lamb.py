@@ -125,3 +125,39 @@ def _ops_in_step(num_layers: int) -> int:
 def test_the_step_is_a_fixed_number_of_multi_tensor_operations_whatever_the_layer_count():
     few, many = _ops_in_step(2), _ops_in_step(12)
     assert few == many < 60, (few, many)  # a per-tensor loop would add ~10 operations per tensor
+
+
+def test_clipping_in_the_step_equals_clipping_the_gradients_first():
+    params, grads = _tensors()
+    clipped = [torch.nn.Parameter(p.clone()) for p in params]
+    lamb = Lamb([{"params": clipped}], lr=0.1, weight_decay=0.01)
+    lamb.max_grad_norm = 1.0
+    reference = []
+    for step_grads in grads:
+        for p, g in zip(clipped, step_grads):
+            p.grad = g.clone()
+        lamb.step()
+        norm = torch.stack([g.norm() for g in step_grads]).norm()
+        reference.append([g / max(1.0, float(norm + 1e-6)) for g in step_grads])
+        torch.testing.assert_close(lamb.grad_norm, norm)
+    for got, want in zip(clipped, _reference_lamb(params, reference, lr=0.1, weight_decay=0.01)):
+        torch.testing.assert_close(got.data, want, rtol=1e-5, atol=1e-6)
+    assert int(lamb.nonfinite_steps) == 0
+
+
+def test_a_non_finite_gradient_moves_no_weight_and_is_counted():
+    params, grads = _tensors()
+    real = [torch.nn.Parameter(p.clone()) for p in params]
+    lamb = Lamb([{"params": real}], lr=0.1, weight_decay=0.01)
+    lamb.max_grad_norm = float("inf")  # no clipping, only the check
+    for p, g in zip(real, grads[0]):
+        p.grad = g.clone()
+    lamb.step()
+    before = [p.detach().clone() for p in real]
+    for p, g in zip(real, grads[1]):
+        p.grad = g.clone()
+    real[2].grad[0, 0] = float("nan")
+    lamb.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, real)) and int(lamb.nonfinite_steps) == 1
+    assert all(torch.isfinite(s["exp_avg"]).all() and torch.isfinite(s["exp_avg_sq"]).all()
+               for s in lamb.state.values())
