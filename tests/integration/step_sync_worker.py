@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -21,19 +20,7 @@ from pipeline.dist import Dist, detect  # noqa: E402
 from pipeline.engine import BatchPlan, Engine, ds_config  # noqa: E402
 from pipeline.model.bert import PretrainObjective, bert_config, build_model  # noqa: E402
 from pipeline.optim.build import build_optimizer  # noqa: E402
-
-READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "item"}
-
-
-class Reads(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in READS:
-            self.seen.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+from tests.syncs import SyncCounter  # noqa: E402
 
 
 def batch() -> dict:
@@ -55,7 +42,7 @@ def count(optimizer_name: str, precision: str) -> list[str]:
     for _ in range(2):
         engine.backward(engine(**batch()).loss)
         engine.step()
-    with Reads() as reads:
+    with SyncCounter() as reads:
         engine.backward(engine(**batch()).loss)
         engine.step()
     assert engine.grad_norm() is not None  # the log line still gets a gradient norm

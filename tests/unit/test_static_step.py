@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.config import MaskingConfig, ModelConfig
 from pipeline.data.loader import static_padding_mask
 from pipeline.data.masking import mask_tokens, masked_positions, positions_per_row
 from pipeline.data.tokenizer import TokenizerInfo
 from pipeline.model.bert import PretrainObjective, bert_config, build_model, compile_whole
+from tests.syncs import SyncCounter
 
-# ops whose result the host must read (a device sync on a GPU): scalars out of tensors, data-dependent shapes
-SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item"}
 VOCAB, SEQ = 500, 64
-
-
-class SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in SYNCING:
-            self.seen.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def _objective(seed: int = 0) -> PretrainObjective:
