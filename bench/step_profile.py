@@ -69,8 +69,7 @@ def build(args: argparse.Namespace, variant: str, shards: ShardSet) -> tuple[Eng
 def step(engine: Engine, loader: PretrainLoader) -> torch.Tensor:
     batch = next(loader)
     batch.pop("rows")
-    batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-    out = engine(**batch)
+    out = engine(**batch)  # the engine moves the batch to the device
     engine.backward(out.loss)
     engine.step()
     return out.loss.detach()

@@ -30,8 +30,9 @@ class Masks:
 def keep_mask(coefficients: torch.Tensor, prune_ratio: float, scope: str, multiple: int = 1) -> torch.Tensor:
     """Keep all but the `prune_ratio` smallest |c|: in each row (layerwise) or over all rows (global);
     `multiple` > 1: then each row keeps its count rounded to the nearest multiple (see rounded_rows)."""
-    keep = _keep_mask(coefficients.detach().abs().float(), prune_ratio, scope)
-    return keep if multiple == 1 else rounded_rows(coefficients.detach().abs().float(), keep, multiple)
+    magnitude = coefficients.detach().abs().float()
+    keep = _keep_mask(magnitude, prune_ratio, scope)
+    return keep if multiple == 1 else rounded_rows(magnitude, keep, multiple)
 
 
 def rounded_rows(magnitude: torch.Tensor, keep: torch.Tensor, multiple: int) -> torch.Tensor:

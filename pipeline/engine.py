@@ -86,7 +86,7 @@ def _without_comments(value: Any) -> Any:
 def _fill_overlap(cfg: dict, world_size: int) -> None:
     """ZeRO's "auto" overlap_comm / contiguous_gradients: on with more than one rank, off with one.
 
-    Either one on makes ZeRO-1 hook every parameter's gradient: measured ~10 ms more host time per step
+    Either one on makes ZeRO-1 hook every parameter's gradient: measured 6-10 ms more host time per step
     at BERT-base's 202 tensors (bench/results/host_overhead.md), for nothing when there is no reduction
     to overlap. With several ranks the hooks start reducing buckets while backward still runs.
     """

@@ -95,15 +95,17 @@ class Lamb(torch.optim.Optimizer):
         self.grad_norm_source: Callable[[], torch.Tensor] | None = None
         self.grad_norm: torch.Tensor | None = None  # the last step's, before clipping; read at log time
         self.nonfinite_steps: torch.Tensor | None = None  # steps whose gradient norm was inf/NaN
-        self._layouts: list[FlatLayout | None] = [None] * len(self.param_groups)
+        # per parameter group, keyed by its first tensor: ZeRO-1/2 call step() with one group at a time in
+        # param_groups (so not by position), and loading a state dict makes new group dicts (so not by dict)
+        self._layouts: dict[int, FlatLayout] = {}
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # per parameter: the update, rebuilt each step
         self._owner_index: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def set_layouts(self, layouts: list[FlatLayout | None]) -> None:
         if len(layouts) != len(self.param_groups):
             raise ValueError(f"{len(layouts)} layouts for {len(self.param_groups)} param groups")
-        self._layouts = list(layouts)
-        self._owner_index: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._layouts = {_key(group): layout for group, layout in zip(self.param_groups, layouts) if layout is not None}
+        self._owner_index = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -111,7 +113,7 @@ class Lamb(torch.optim.Optimizer):
         finite = self._clip_gradients() if self.max_grad_norm else None
         pending = []  # (params, updates, group, layout) per group, awaiting trust ratios
         partial = []  # per flat-laid-out param: [sum w^2 per tensor, sum u^2 per tensor]
-        for group, layout in zip(self.param_groups, self._layouts):
+        for group, layout in self._grouped():
             flat = layout is not None and self.per_tensor and group["trust_ratio"]
             # a flat partition takes part in the all-reduce below whatever its gradient
             params = [p for p in group["params"] if flat or p.grad is not None]
@@ -140,17 +142,21 @@ class Lamb(torch.optim.Optimizer):
 
     def _clip_gradients(self) -> torch.Tensor:
         grads, pieces = [], []  # pieces: what the norm is over (a partition's padding is not a gradient)
-        for group, layout in zip(self.param_groups, self._layouts):
+        for group, layout in self._grouped():
             for param in group["params"]:
                 if param.grad is not None:
                     grads.append(param.grad)
                     pieces += [param.grad] if layout is None else _views(param.grad, layout)
         given = None if self.grad_norm_source is None else torch.as_tensor(self.grad_norm_source())
-        finite, norm = clip_gradients(grads, self.max_grad_norm, self._layouts, pieces, norm=given)
+        finite, norm = clip_gradients(grads, self.max_grad_norm, [layout for _, layout in self._grouped()], pieces,
+                                      norm=given)
         if norm is not self.grad_norm:  # once per step, not once per parameter group
             self.nonfinite_steps = count_nonfinite(self.nonfinite_steps, finite)
         self.grad_norm = norm
         return finite
+
+    def _grouped(self) -> list[tuple[dict, FlatLayout | None]]:
+        return [(group, self._layouts.get(_key(group))) for group in self.param_groups]
 
     def _owners_on(self, layout: FlatLayout, device: torch.device) -> torch.Tensor:
         """The layout's owner indices as a tensor on `device`, made once: indexing a GPU tensor with a
@@ -198,6 +204,10 @@ class Lamb(torch.optim.Optimizer):
                 tdist.all_reduce(flat, group=group)
             partial = [p.reshape(2, -1) for p in torch.split(flat, [2 * s for s in sizes])]
         return list(partial)
+
+
+def _key(group: dict) -> int | None:
+    return id(group["params"][0]) if group["params"] else None
 
 
 def _views(flat: torch.Tensor, layout: FlatLayout) -> list[torch.Tensor]:

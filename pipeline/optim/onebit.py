@@ -217,9 +217,9 @@ class OnebitAdam(OnebitOptimizer):
         for group in self.param_groups:  # self.params holds the groups' tensors in order
             held = slice(start, start + len(group["params"]))
             start = held.stop
-            # the kernel's step counters, one per tensor, which it advances by one before use
-            steps = [torch.full((), float(self.step_count - 1), device=self.exp_avg.device)
-                     for _ in self.params[held]]
+            # the kernel's step counters, one per tensor (views of one allocation), advanced before use
+            steps = list(torch.full((held.stop - held.start,), float(self.step_count - 1),
+                                    device=self.exp_avg.device).unbind())
             adamw(self.params[held], grads[held], moments[held], variances[held], [], steps, fused=True,
                   amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                   eps=group["eps"], maximize=False)

@@ -144,7 +144,7 @@ def check_zero_partition(dist: Dist) -> dict:
     # which tensors of the decay group this rank's partition holds, in DeepSpeed's order
     tensors = engine.optimizer.round_robin_bit16_groups[0]
     idle = next(i for i, t in enumerate(tensors) if t.numel() == model.idle.numel())
-    only_idle = torch.tensor([float(optimizer._layouts[0].kept_owners == (idle,))])
+    only_idle = torch.tensor([float(optimizer._grouped()[0][1].kept_owners == (idle,))])
     after = model.used.weight.detach()
     return {"finished": True, "a_rank_holds_only_the_idle_tensor": max(gathered(only_idle)) == 1.0,
             "used_weight_moved": float((after - before).abs().max()) > 0,

@@ -161,3 +161,32 @@ def test_a_non_finite_gradient_moves_no_weight_and_is_counted():
     assert all(torch.equal(a, b) for a, b in zip(before, real)) and int(lamb.nonfinite_steps) == 1
     assert all(torch.isfinite(s["exp_avg"]).all() and torch.isfinite(s["exp_avg_sq"]).all()
                for s in lamb.state.values())
+
+
+def test_layouts_follow_their_group_when_zero_steps_one_group_at_a_time():
+    """DeepSpeed's ZeRO-1/2 put one group at a time in param_groups and call step(): each group must still
+    use its own layout (by position, the second group would get the first's)."""
+    params, grads = _tensors()
+
+    def flat_of(tensors):
+        flat = torch.nn.Parameter(torch.cat([t.reshape(-1) for t in tensors]))
+        layout = FlatLayout.from_offsets([t.numel() for t in tensors], [0, tensors[0].numel()], 0, flat.numel())
+        return flat, layout
+    results = []
+    for one_at_a_time in (False, True):
+        (a, layout_a), (b, layout_b) = flat_of(params[:2]), flat_of(params[2:])
+        lamb = Lamb([{"params": [a]}, {"params": [b]}], lr=0.1)
+        lamb.set_layouts([layout_a, layout_b])
+        for step_grads in grads:
+            a.grad = torch.cat([g.reshape(-1) for g in step_grads[:2]])
+            b.grad = torch.cat([g.reshape(-1) for g in step_grads[2:]])
+            if one_at_a_time:
+                groups = lamb.param_groups
+                for group in groups:
+                    lamb.param_groups = [group]
+                    lamb.step()
+                lamb.param_groups = groups
+            else:
+                lamb.step()
+        results.append(torch.cat([a.detach(), b.detach()]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
