@@ -34,8 +34,10 @@ data: setup
 	PYTHON=$(PY) bash launch/fetch_corpora.sh $(CORPORA) bbc rotten_tomatoes
 	$(PY) launch/build_tasks.py $(CORPORA) .cache/tasks .cache/models
 
-prepare pretrain search prune retrain finetune run-all: setup
+# prepare and finetune read the corpora and tasks that `make data` fetches; run-all runs both
+STAGES := prepare pretrain search prune retrain finetune run-all
 prepare finetune run-all: data
+$(STAGES): setup
 	bash launch/run_stage.sh $@ $(CONFIG) "$(HOSTFILE)" $(SET)
 
 # the run's page, <run>/report/report.md, from its directory (run-all ends with it); one process

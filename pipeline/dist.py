@@ -25,7 +25,7 @@ import psutil
 import torch
 import torch.distributed as tdist
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 
 class LaunchError(PipelineError):
@@ -148,6 +148,7 @@ class Dist:
         self.env = LaunchEnv(**{**env.__dict__, "master_addr": addr, "master_port": port})
         self._timeout = dt.timedelta(minutes=timeout_minutes)
         self._backend = backend
+        self.backend()  # a backend this machine cannot run is refused before any stage starts
         self.export_env()
 
     @property
@@ -172,10 +173,16 @@ class Dist:
         })
 
     def backend(self) -> str:
-        if self._backend != "auto":
-            return self._backend
-        # CPU tensors always travel over gloo; CUDA tensors over NCCL when there are GPUs.
-        return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        """The process group's backend per device type. The coordination tensors (stop agreement, metric
+        sums, LAMB's norms over partitions, object collectives) live on the CPU, and NCCL moves CUDA tensors
+        only, so `nccl` means NCCL for CUDA tensors with gloo beside it for the CPU ones."""
+        gpus = torch.cuda.is_available()
+        if self._backend == "nccl" and not gpus:
+            raise ConfigError("distributed.backend: nccl needs CUDA GPUs, and this machine has none "
+                              "(auto picks gloo here)")
+        if self._backend == "gloo":
+            return "gloo"
+        return "cpu:gloo,cuda:nccl" if gpus else "gloo"
 
     def init_process_group(self) -> None:
         """Join the group (idempotent). A single process needs none, so it starts no store."""

@@ -38,6 +38,12 @@ def _finetune_needs(cfg: RunConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys(stages))
 
 
+def _retrain_needs(cfg: RunConfig) -> tuple[str, ...]:
+    # continue_search reads how many steps the search trained (its stage record), so a changed search
+    # makes retrain stale even when the ticket it cut, and so prune's output, came out the same
+    return ("prepare", "prune") + (("search",) if cfg.retrain.continue_search else ())
+
+
 def stage_specs() -> dict[str, StageSpec]:
     train = ("model", "optimizer", "schedule", "pretrain", "distributed")
     specs = (
@@ -45,7 +51,7 @@ def stage_specs() -> dict[str, StageSpec]:
         StageSpec("pretrain", ("data",) + train, lambda cfg: ("prepare",)),
         StageSpec("search", ("data", "search") + train, lambda cfg: ("prepare",)),
         StageSpec("prune", ("search", "retrain"), lambda cfg: ("search",)),
-        StageSpec("retrain", ("data", "retrain") + train, lambda cfg: ("prepare", "prune")),
+        StageSpec("retrain", ("data", "retrain") + train, _retrain_needs),
         StageSpec("finetune", ("finetune", "distributed"), _finetune_needs),
     )
     return {spec.name: spec for spec in specs}

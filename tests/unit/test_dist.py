@@ -66,3 +66,36 @@ def test_a_failed_rendezvous_names_the_rank_the_setting_and_the_interfaces_there
     assert "the nccl group at node01:29500: RuntimeError: connect timed out." in line
     assert "NCCL_SOCKET_IFNAME=ib9" in line and "lo 127.0.0.1" in line
     assert "GLOO_SOCKET_IFNAME=(unset)" in join_failure(env, "gloo", "x", {})
+
+
+def test_nccl_chosen_by_hand_keeps_cpu_tensors_on_gloo(monkeypatch):
+    """The stop agreement, metric sums and LAMB's partition norms are CPU tensors, which NCCL cannot move."""
+    import torch
+
+    from pipeline.dist import Dist
+
+    env = LaunchEnv("deepspeed", 0, 2, 0, 2, 0, "127.0.0.1", 29999)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Dist(env, backend="nccl").backend() == "cpu:gloo,cuda:nccl"
+    assert Dist(env, backend="auto").backend() == "cpu:gloo,cuda:nccl"
+    assert Dist(env, backend="gloo").backend() == "gloo"
+
+
+def test_nccl_without_gpus_is_one_line_naming_the_field(monkeypatch, tmp_path):
+    import torch
+
+    from pipeline.dist import Dist
+    from pipeline.errors import ConfigError
+    from tests.conftest import run_cli, write_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env = LaunchEnv("deepspeed", 0, 2, 0, 2, 0, "127.0.0.1", 29999)
+    with pytest.raises(ConfigError, match="distributed.backend: nccl needs CUDA GPUs"):
+        Dist(env, backend="nccl")
+    config = write_config(tmp_path / "c.yaml", {"run": {"name": "x", "root": str(tmp_path)},
+                                                 "distributed": {"backend": "nccl"}})
+    proc = run_cli("pretrain", "--config", str(config))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["error: distributed.backend: nccl needs CUDA GPUs, and this machine has none (auto picks gloo "
+                     "here)"], proc.stderr
