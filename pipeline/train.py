@@ -271,11 +271,11 @@ class Trainer:
         engine.module.eval()
         sums = torch.zeros(5, dtype=torch.float64)
         for batch in batches:
-            at_mask = batch["mask_only_labels"]
+            at_mask = batch["mask_only_labels"] != IGNORE
             batch = {k: v for k, v in batch.items() if k not in ("rows", "mask_only_labels")}
-            out, only = engine(**batch), engine(**{**batch, "labels": at_mask})
+            out = engine(**batch, at_mask=at_mask)  # one forward: both losses from the same logits
             sums += torch.tensor([float(out.mlm_loss) * float(out.masked), float(out.correct), float(out.masked),
-                                  float(only.mlm_loss) * float(only.masked), float(only.masked)], dtype=torch.float64)
+                                  float(out.at_mask_loss_sum), float(out.at_mask)], dtype=torch.float64)
         engine.module.train()
         if self.dist.world_size > 1:
             tdist.all_reduce(sums)

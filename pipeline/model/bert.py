@@ -56,6 +56,8 @@ class Output:
     correct: torch.Tensor  # masked positions predicted right (for accuracy), summed
     masked: torch.Tensor  # masked positions in the batch
     nsp_loss: torch.Tensor | None = None
+    at_mask_loss_sum: torch.Tensor | None = None  # evaluation: summed over the positions whose input is [MASK]
+    at_mask: torch.Tensor | None = None  # how many of those positions there were
 
 
 class PretrainObjective(nn.Module):
@@ -69,25 +71,40 @@ class PretrainObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, *, labels: torch.Tensor,
                 next_sentence_label: torch.Tensor | None = None,
-                mlm_positions: torch.Tensor | None = None) -> Output:
+                mlm_positions: torch.Tensor | None = None, at_mask: torch.Tensor | None = None) -> Output:
         """`mlm_positions` ([batch, k], from fixed-count masking): the positions to decode, so the head's
-        input has a static shape and the step needs no `nonzero` (no host sync, no graph break)."""
+        input has a static shape and the step needs no `nonzero` (no host sync, no graph break).
+        `at_mask` (bool, like `labels`; evaluation): the loss over these positions too, from the same logits."""
         out = self.hf.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         hidden = out.last_hidden_state
         flat_labels = labels.reshape(-1)
         if self.sparse and mlm_positions is not None:
             picked = hidden.gather(1, mlm_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             logits = self.hf.cls.predictions(picked.reshape(-1, hidden.shape[-1]))
-            targets = labels.gather(1, mlm_positions).reshape(-1)
+
+            def select(t: torch.Tensor) -> torch.Tensor:  # a per-position tensor at the decoded positions
+                return t.gather(1, mlm_positions).reshape(-1)
         elif self.sparse:
             where = torch.nonzero(flat_labels != IGNORE).squeeze(1)
             logits = self.hf.cls.predictions(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where))
-            targets = flat_labels.index_select(0, where)
+
+            def select(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(-1).index_select(0, where)
         else:
             logits = self.hf.cls.predictions(hidden).reshape(-1, self.hf.config.vocab_size)
-            targets = flat_labels
-        mlm_loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
+
+            def select(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(-1)
+        targets = select(labels)
         valid = targets != IGNORE
+        at_mask_sum = at_mask_count = None
+        if at_mask is None:
+            mlm_loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
+        else:  # per-position losses once, summed two ways
+            per = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="none")
+            picked_mask = select(at_mask) & valid
+            mlm_loss = per.sum() / valid.sum().clamp(min=1)
+            at_mask_sum, at_mask_count = (per * picked_mask).sum().detach(), picked_mask.sum()
         correct = ((logits.argmax(-1) == targets) & valid).sum()
         loss, nsp_loss = mlm_loss, None
         if next_sentence_label is not None and isinstance(self.hf, BertForPreTraining):
@@ -95,7 +112,8 @@ class PretrainObjective(nn.Module):
             nsp_loss = F.cross_entropy(self.hf.cls.seq_relationship(pooled).float(), next_sentence_label)
             loss = loss + nsp_loss
         return Output(loss=loss, mlm_loss=mlm_loss.detach(), correct=correct, masked=valid.sum(),
-                      nsp_loss=None if nsp_loss is None else nsp_loss.detach())
+                      nsp_loss=None if nsp_loss is None else nsp_loss.detach(), at_mask_loss_sum=at_mask_sum,
+                      at_mask=at_mask_count)
 
 
 def compile_whole(objective: PretrainObjective, mode: str = "default") -> None:
