@@ -38,7 +38,8 @@ from pipeline.dist import Dist, detect
 from pipeline.engine import BatchPlan, Engine, ds_config
 from pipeline.model.bert import PretrainObjective, bert_config, build_model, compile_whole, train_flops_per_token
 from pipeline.optim.build import build_optimizer
-from pipeline.optim.lamb import Lamb, lamb_param_groups
+from pipeline.optim.groups import param_groups
+from pipeline.optim.lamb import Lamb
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results"
@@ -77,7 +78,7 @@ def step_times(loop: str, static: bool) -> dict[str, list[float]]:
     """Host seconds per step part, after warm-up."""
     model, data = objective(static), batches(static)
     if LOOPS[loop] is None:
-        optimizer = Lamb(lamb_param_groups(model, 0.01), lr=1e-4, foreach=True)
+        optimizer = Lamb(param_groups(model, 0.01), lr=1e-4, foreach=True)
         forward, backward = (lambda b: model(**b).loss), (lambda loss: loss.backward())
 
         def step():

@@ -45,12 +45,13 @@ def build(prepare_dir: Path):
     from pipeline.config import ModelConfig
     from pipeline.data.loader import ShardSet
     from pipeline.model.bert import PretrainObjective, bert_config, build_model
-    from pipeline.optim.lamb import Lamb, lamb_param_groups
+    from pipeline.optim.groups import param_groups
+    from pipeline.optim.lamb import Lamb
 
     shards = ShardSet(prepare_dir, SEQ, "train")
     torch.manual_seed(0)
     model = PretrainObjective(build_model(bert_config(ModelConfig(preset="small"), shards.info.vocab_size), False))
-    return shards, model, Lamb(lamb_param_groups(model, 0.01), lr=1e-3)
+    return shards, model, Lamb(param_groups(model, 0.01), lr=1e-3)
 
 
 def plain_loop(prepare_dir: Path) -> float:

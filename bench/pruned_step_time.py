@@ -20,7 +20,8 @@ from pipeline.config import ModelConfig
 from pipeline.earlybird import random_masks
 from pipeline.model.bert import PretrainObjective, bert_config, build_model, count_parameters
 from pipeline.model.prune import prune_model
-from pipeline.optim.lamb import Lamb, lamb_param_groups
+from pipeline.optim.groups import param_groups
+from pipeline.optim.lamb import Lamb
 
 OUT = Path(__file__).resolve().parents[1] / "bench" / "results"
 STEPS, WARMUP, MICRO, SEQ, VOCAB = 10, 2, 8, 128, 30522
@@ -39,7 +40,7 @@ def batches() -> list[dict]:
 
 def step_time(model: torch.nn.Module, data: list[dict]) -> float:
     objective = PretrainObjective(model, sparse=True)
-    optimizer = Lamb(lamb_param_groups(objective, 0.01), lr=1e-4)
+    optimizer = Lamb(param_groups(objective, 0.01), lr=1e-4)
     for i, batch in enumerate(data):
         if i == WARMUP:
             start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The optimizer named in the run config, over BERT's weight-decay parameter groups."""
+"""The optimizer named in the run config, over the parameter groups of `optim.groups`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import torch
 
 from pipeline.config import OptimizerConfig
 from pipeline.errors import ConfigError
-from pipeline.optim.lamb import Lamb, lamb_param_groups
+from pipeline.optim.groups import param_groups
+from pipeline.optim.lamb import Lamb
 from pipeline.optim.onebit import onebit_adam, onebit_lamb
 
 
 def build_optimizer(cfg: OptimizerConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    groups = lamb_param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "lamb":
         return Lamb(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                     trust_ratio_clip=cfg.trust_ratio_clip)

@@ -324,14 +324,3 @@ def trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, clip: tuple[float, f
     ok = (w_norm > 0) & (u_norm > 0)
     ratio = (w_norm / torch.where(ok, u_norm, torch.ones_like(u_norm))).clamp(*clip)
     return torch.where(ok, ratio, torch.ones_like(w_norm))
-
-
-def lamb_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """BERT's split: no weight decay and no layer adaptation for biases and LayerNorm (as in Google's LAMB)."""
-    decay, plain = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (plain if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay, "trust_ratio": True},
-            {"params": plain, "weight_decay": 0.0, "trust_ratio": False}]

@@ -29,6 +29,7 @@ from pipeline.config import FinetuneConfig
 from pipeline.engine import BatchPlan, Engine, ds_config
 from pipeline.errors import ConfigError, StageInputError, Stopped
 from pipeline.optim.build import adamw
+from pipeline.optim.groups import param_groups
 from pipeline.tasks import squad
 from pipeline.tasks.data import Split, TaskData
 from pipeline.tasks.metrics import primary_metric, squad_metrics, task_metrics
@@ -178,11 +179,7 @@ class FineTuner:
                           f"({checkpoint.tag_for(state.epoch, state.result.steps)}); run the same command to resume")
 
     def _engine(self, objective: nn.Module, lr: float, total_steps: int, name: str) -> Engine:
-        groups = {True: [], False: []}  # biases, LayerNorms and gates (L1 instead) take no weight decay
-        for n, p in objective.named_parameters():
-            groups[p.ndim < 2 or "LayerNorm" in n or "gates" in n].append(p)
-        optimizer = adamw([{"params": groups[False], "weight_decay": self.cfg.weight_decay},
-                           {"params": groups[True], "weight_decay": 0.0}], lr=lr)
+        optimizer = adamw(param_groups(objective, self.cfg.weight_decay), lr=lr)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.cfg.warmup * total_steps), total_steps)
         micro = self.cfg.batch_size // self.dist.world_size
         batch = BatchPlan(micro, 1, self.dist.world_size, self.cfg.precision, self.cfg.grad_clip)

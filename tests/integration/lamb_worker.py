@@ -21,7 +21,8 @@ from pipeline.config import ModelConfig
 from pipeline.dist import Dist, detect
 from pipeline.engine import BatchPlan, Engine, ds_config
 from pipeline.model.bert import PretrainObjective, bert_config, build_model
-from pipeline.optim.lamb import Lamb, lamb_param_groups
+from pipeline.optim.groups import param_groups
+from pipeline.optim.lamb import Lamb
 
 VOCAB, SEQ, MICRO, GLOBAL = 300, 32, 4, 8
 
@@ -38,7 +39,7 @@ def main(zero: int, steps: int, naive: bool, out: Path, ckpt: Path | None = None
     torch.manual_seed(0)
     model = build_model(bert_config(ModelConfig(preset="tiny", dropout=0.0), VOCAB), pairs=False)
     objective = PretrainObjective(model, sparse=True)
-    optimizer = Lamb(lamb_param_groups(objective, 0.01), lr=2e-2, per_tensor=not naive)
+    optimizer = Lamb(param_groups(objective, 0.01), lr=2e-2, per_tensor=not naive)
     ds_json = out.parent / f"ds_zero{zero}.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True}))
     accum = GLOBAL // (MICRO * dist.world_size)

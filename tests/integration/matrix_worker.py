@@ -14,7 +14,8 @@ from pipeline.config import ModelConfig
 from pipeline.dist import Dist, detect
 from pipeline.engine import BatchPlan, Engine, ds_config
 from pipeline.model.bert import PretrainObjective, bert_config, build_model
-from pipeline.optim.lamb import Lamb, lamb_param_groups
+from pipeline.optim.groups import param_groups
+from pipeline.optim.lamb import Lamb
 
 VOCAB, SEQ, MICRO, ACCUM, STEPS = 300, 32, 4, 2, 4
 
@@ -22,7 +23,7 @@ VOCAB, SEQ, MICRO, ACCUM, STEPS = 300, 32, 4, 2, 4
 def run(zero: int, precision: str, dist: Dist, tmp: Path) -> dict:
     torch.manual_seed(0)
     model = PretrainObjective(build_model(bert_config(ModelConfig(preset="tiny", dropout=0.0), VOCAB), False))
-    optimizer = Lamb(lamb_param_groups(model, 0.01), lr=5e-3)
+    optimizer = Lamb(param_groups(model, 0.01), lr=5e-3)
     path = tmp / f"ds{zero}.json"
     if dist.is_main:
         path.write_text(json.dumps({"zero_optimization": {"stage": zero}}))

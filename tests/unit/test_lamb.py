@@ -111,9 +111,9 @@ def _ops_in_step(num_layers: int) -> int:
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[m for _ in range(num_layers) for m in (torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))])
-    from pipeline.optim.lamb import lamb_param_groups
+    from pipeline.optim.groups import param_groups
 
-    lamb = Lamb(lamb_param_groups(model, 0.01), lr=0.1, foreach=True)  # the default on GPU tensors
+    lamb = Lamb(param_groups(model, 0.01), lr=0.1, foreach=True)  # the default on GPU tensors
     model(torch.randn(4, 8)).square().sum().backward()
     lamb.step()  # the first step also creates the state, tensor by tensor
     model(torch.randn(4, 8)).square().sum().backward()
