@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import MaskingConfig, ModelConfig, OptimizerConfig, ScheduleConfig
+from pipeline.config import MaskingConfig, ModelConfig, OptimizerConfig, ScheduleConfig, SearchConfig
 from pipeline.data.loader import PretrainLoader, ShardSet
 from pipeline.dist import Dist, detect
 from pipeline.earlybird import random_masks
@@ -51,9 +51,9 @@ def build(args: argparse.Namespace, variant: str, shards: ShardSet) -> tuple[Eng
                          shards.info.pad_id)
     hf = build_model(config, pairs=False)
     if variant.startswith("pruned"):
-        masks = random_masks((config.num_hidden_layers, config.num_attention_heads),
-                             (config.num_hidden_layers, config.intermediate_size), 1 / 3, 0.4, "layerwise", "global",
-                             seed=0, ffn_multiple=64 if variant == "pruned64" else 1)
+        rules = SearchConfig(ffn_multiple=64 if variant == "pruned64" else 1)  # EarlyBERT's ratios and scopes
+        masks = random_masks(rules, (config.num_hidden_layers, config.num_attention_heads),
+                             (config.num_hidden_layers, config.intermediate_size), seed=0)
         prune_model(hf, masks.to_plan())
     objective = PretrainObjective(hf)
     if variant != "eager":

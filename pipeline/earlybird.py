@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.config import SearchConfig
+
 
 @dataclass(frozen=True)
 class Masks:
@@ -68,12 +70,30 @@ def draw_masks(heads: torch.Tensor, ffn: torch.Tensor, head_ratio: float, ffn_ra
     return Masks(keep_mask(heads, head_ratio, head_scope), keep_mask(ffn, ffn_ratio, ffn_scope, ffn_multiple))
 
 
-def random_masks(heads_shape: tuple, ffn_shape: tuple, head_ratio: float, ffn_ratio: float, head_scope: str,
-                 ffn_scope: str, seed: int, ffn_multiple: int = 1) -> Masks:
-    """The ablation baseline: the same number pruned, chosen at random."""
+def ticket_masks(rules: SearchConfig, heads: torch.Tensor, ffn: torch.Tensor) -> Masks:
+    """The ticket the gates `heads` / `ffn` give under a search config's size rules (ratios, scopes, FFN
+    multiple): every mask this project draws, searched or random, comes from here."""
+    return draw_masks(heads, ffn, rules.head_prune_ratio, rules.ffn_prune_ratio, rules.head_scope, rules.ffn_scope,
+                      rules.ffn_multiple)
+
+
+def random_masks(rules: SearchConfig, heads_shape: tuple, ffn_shape: tuple, seed: int) -> Masks:
+    """The ablation baseline: a ticket under the same size rules, its coefficients drawn at random."""
     gen = torch.Generator().manual_seed(seed)
-    return draw_masks(torch.rand(heads_shape, generator=gen), torch.rand(ffn_shape, generator=gen), head_ratio,
-                      ffn_ratio, head_scope, ffn_scope, ffn_multiple)
+    return ticket_masks(rules, torch.rand(heads_shape, generator=gen), torch.rand(ffn_shape, generator=gen))
+
+
+def random_like(ticket: Masks, seed: int) -> Masks:
+    """A random ticket with exactly `ticket`'s per-layer head and FFN counts (a global scope spreads a
+    random ticket's neurons over the layers otherwise than the searched one's)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def like(kept: torch.Tensor) -> torch.Tensor:
+        order = torch.rand(kept.shape, generator=gen).argsort(dim=1)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(kept.shape[1]).expand_as(order).contiguous())
+        return rank < kept.sum(dim=1, keepdim=True)
+
+    return Masks(like(ticket.heads), like(ticket.ffn))
 
 
 def hamming(a: Masks, b: Masks) -> tuple[float, float]:

@@ -59,11 +59,9 @@ def search_section(data: RunData, search_cfg, out: Path) -> list[str]:
               f"{masks['ffn_kept']:,} of {masks['ffn_total']:,} FFN neurons.", ""]
     snapshots = found.get("snapshots")
     if snapshots and search_cfg is not None and snapshots["steps"]:
-        from pipeline.earlybird import draw_masks
+        from pipeline.earlybird import ticket_masks
 
-        s = search_cfg
-        heads = [draw_masks(snap["heads"], snap["ffn"], s.head_prune_ratio, s.ffn_prune_ratio, s.head_scope,
-                            s.ffn_scope, s.ffn_multiple).heads.numpy().astype(np.float32)
+        heads = [ticket_masks(search_cfg, snap["heads"], snap["ffn"]).heads.numpy().astype(np.float32)
                  for snap in snapshots["snapshots"]]
         path = plot_head_masks(snapshots["steps"], heads, out / "search_head_masks.png")
         lines += [f"![kept heads per check]({path.name})", ""]

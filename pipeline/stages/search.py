@@ -22,7 +22,7 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.config import RunConfig, SearchConfig
-from pipeline.earlybird import EarlyBirdDetector, draw_masks, random_masks
+from pipeline.earlybird import EarlyBirdDetector, random_masks, ticket_masks
 from pipeline.model.bert import PretrainObjective, bert_config, build_model, train_flops_per_token
 from pipeline.model.gates import SlimmingGates, gates_for
 from pipeline.model.prune import plan_summary
@@ -48,9 +48,7 @@ class TicketTracker:
         self.emerged_at: int | None = None
 
     def masks_of(self, snapshot: dict):
-        s = self.s
-        return draw_masks(snapshot["heads"], snapshot["ffn"], s.head_prune_ratio, s.ffn_prune_ratio, s.head_scope,
-                          s.ffn_scope, s.ffn_multiple)
+        return ticket_masks(self.s, snapshot["heads"], snapshot["ffn"])
 
     def restore(self, upto_step: int) -> None:
         """After a resume: replay the checks up to the checkpoint the trainer resumed from."""
@@ -107,9 +105,8 @@ def run(ctx: StageContext) -> StageResult:
         _save_weights(hf, out / "rewind")
     s = cfg.search
     if s.mode == "random":
-        masks = random_masks((config.num_hidden_layers, config.num_attention_heads),
-                             (config.num_hidden_layers, config.intermediate_size), s.head_prune_ratio,
-                             s.ffn_prune_ratio, s.head_scope, s.ffn_scope, cfg.run.seed, s.ffn_multiple)
+        masks = random_masks(s, (config.num_hidden_layers, config.num_attention_heads),
+                             (config.num_hidden_layers, config.intermediate_size), cfg.run.seed)
         return _finish(ctx, masks.to_plan(), config, {"mode": "random", "trained_steps": 0, "emerged_at": None}, None)
     objective = PretrainObjective(hf, sparse=cfg.model.sparse_mlm_head)
     objective.gates = gates_for(hf)

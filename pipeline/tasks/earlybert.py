@@ -36,9 +36,8 @@ def search_ticket(tuner: FineTuner, cfg: FinetuneConfig, source: ModelSource, da
     hf = build_task_model(source, data.task.kind, data.num_labels, seed)
     config = hf.config
     if s.mode == "random":  # the ablation: a ticket of the same size, no search
-        masks = random_masks((config.num_hidden_layers, config.num_attention_heads),
-                             (config.num_hidden_layers, config.intermediate_size), s.head_prune_ratio,
-                             s.ffn_prune_ratio, s.head_scope, s.ffn_scope, seed)
+        masks = random_masks(s, (config.num_hidden_layers, config.num_attention_heads),
+                             (config.num_hidden_layers, config.intermediate_size), seed)
         return _ticket(masks.to_plan(), config, {"mode": "random", "search_steps": 0, "search_seconds": 0.0,
                                                  "search_tokens": 0, "search_flops": 0.0, "emerged_at": None},
                        out, tuner)

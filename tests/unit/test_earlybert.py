@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import ModelConfig
-from pipeline.earlybird import EarlyBirdDetector, Masks, draw_masks, hamming, keep_mask, random_masks
+from pipeline.config import ModelConfig, SearchConfig
+from pipeline.earlybird import (
+    EarlyBirdDetector,
+    Masks,
+    draw_masks,
+    hamming,
+    keep_mask,
+    random_like,
+    random_masks,
+    ticket_masks,
+)
 from pipeline.model.bert import bert_config, build_model
 from pipeline.model.gates import gates_for
 from pipeline.model.prune import fold_gates, load_pruned, plan_summary, prune_model, save_pruned
@@ -39,7 +49,7 @@ def test_masks_layerwise_and_global():
     global_ = keep_mask(coef, 0.25, "global")  # the 2 smallest of 8 overall
     assert global_.tolist() == [[True, False, True, True], [True, True, True, False]]
     assert keep_mask(-coef, 0.5, "layerwise").tolist() == layerwise.tolist()  # by magnitude
-    rand = random_masks((12, 12), (12, 3072), 1 / 3, 0.4, "layerwise", "global", seed=0)
+    rand = random_masks(SearchConfig(), (12, 12), (12, 3072), seed=0)
     assert rand.heads.sum(1).tolist() == [8] * 12 and int(rand.ffn.sum()) == round(0.6 * 12 * 3072)
 
 
@@ -54,7 +64,7 @@ def test_ffn_widths_rounded_to_a_multiple_keep_each_layers_highest_scores():
     for row, kept in zip(coef, rounded):  # every kept neuron outscores every dropped one in its layer
         assert row[kept].min() > row[~kept].max()
     assert torch.equal(keep_mask(coef, 0.4, "global", multiple=1), plain)
-    ticket = random_masks((12, 12), (12, 3072), 1 / 3, 0.4, "layerwise", "global", seed=0, ffn_multiple=64)
+    ticket = random_masks(SearchConfig(ffn_multiple=64), (12, 12), (12, 3072), seed=0)
     assert (ticket.ffn.sum(1) % 64 == 0).all() and ticket.heads.sum(1).tolist() == [8] * 12
 
 
@@ -152,3 +162,22 @@ def test_save_and_load_pruned(tmp_path):
     assert tensors["bert.encoder.layer.2.intermediate.dense.weight"].shape == (0, 128)
     reloaded = load_pruned(tmp_path / "m").eval()
     assert torch.equal(reloaded(**_inputs()).logits, expected)
+
+
+@pytest.mark.parametrize("ffn_scope", ["layerwise", "global"])
+def test_searched_and_random_tickets_follow_the_same_size_rules(ffn_scope):
+    """Both kinds come from one function of the search config: the FFN multiple applies to the random ticket
+    too (fine-tuning's random ticket once left it out and came out another size than the searched one)."""
+    rules = SearchConfig(ffn_multiple=64, ffn_scope=ffn_scope)
+    gen = torch.Generator().manual_seed(5)
+    layers_differ = torch.linspace(0.5, 1.5, 12)[:, None]
+    gates = (torch.rand(12, 12, generator=gen), torch.rand(12, 3072, generator=gen) * layers_differ)
+    searched, rand = ticket_masks(rules, *gates), random_masks(rules, (12, 12), (12, 3072), seed=1)
+    assert searched.heads.sum(1).tolist() == rand.heads.sum(1).tolist() == [8] * 12
+    assert (searched.ffn.sum(1) % 64 == 0).all() and (rand.ffn.sum(1) % 64 == 0).all()
+    if ffn_scope == "layerwise":
+        assert searched.ffn.sum(1).tolist() == rand.ffn.sum(1).tolist()
+    like = random_like(searched, seed=2)  # exactly the searched ticket's per-layer counts, whatever the scope
+    assert like.heads.sum(1).tolist() == searched.heads.sum(1).tolist()
+    assert like.ffn.sum(1).tolist() == searched.ffn.sum(1).tolist()
+    assert not torch.equal(like.ffn, searched.ffn) and torch.equal(random_like(searched, seed=2).ffn, like.ffn)
