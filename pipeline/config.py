@@ -22,6 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import ConfigError
 
+
+class Runtime:
+    """Field metadata: the field says how a stage runs (how often it logs, evaluates or saves, micro-batches
+    at the same global batch, timeouts), not what it computes. Stage fingerprints leave such fields out, so
+    changing one on a rerun resumes the stage instead of moving its output aside."""
+
+    def __repr__(self) -> str:
+        return "RUNTIME"
+
+
+RUNTIME = Runtime()
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -172,7 +183,7 @@ class PhaseConfig(Section):
     seq_len: Annotated[int, Field(ge=16, le=8192)]
     steps: PosInt
     global_batch_size: PosInt
-    micro_batch_size: PosInt
+    micro_batch_size: Annotated[PosInt, RUNTIME]  # the global batch is what the result depends on
     lr: Annotated[float, Field(gt=0.0)] | None = None  # default: optimizer.lr
     warmup: Fraction | None = None  # fraction of this phase's steps (default: schedule.warmup)
     freeze_step: NonNegInt | None = None  # 1-bit optimizers: this phase's warmup (default: optimizer.freeze_step)
@@ -182,22 +193,23 @@ class PretrainConfig(Section):
     phases: list[PhaseConfig] = Field(default_factory=list)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
-    checkpoint_every: PosInt = 1000
-    keep_last: PosInt = 2
-    eval_every: PosInt = 500
-    eval_batches: PosInt = 20
-    log_every: PosInt = 10
-    peak_tflops: Annotated[float, Field(gt=0.0)] = 989.0  # per device, for MFU (H100 bf16 dense)
-    compile: bool = False  # torch.compile the encoder (static shapes per phase); worth it on GPU
+    checkpoint_every: Annotated[PosInt, RUNTIME] = 1000
+    keep_last: Annotated[PosInt, RUNTIME] = 2
+    eval_every: Annotated[PosInt, RUNTIME] = 500
+    eval_batches: Annotated[PosInt, RUNTIME] = 20
+    log_every: Annotated[PosInt, RUNTIME] = 10
+    peak_tflops: Annotated[float, Field(gt=0.0), RUNTIME] = 989.0  # per device, for MFU (H100 bf16 dense)
+    compile: Annotated[bool, RUNTIME] = False  # torch.compile the encoder (static shapes per phase); worth it on GPU
     # torch.compile's mode; "reduce-overhead" replays the compiled forward + backward as CUDA graphs
     # (GPU only; it needs the static step: data.masking.fixed_count)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_mode: Annotated[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                            RUNTIME] = "default"
 
 
 class DistributedConfig(Section):
     ds_config: Path = Path("ds_configs/cpu_demo.json")
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    timeout_minutes: PosInt = 60
+    backend: Annotated[Literal["auto", "gloo", "nccl"], RUNTIME] = "auto"
+    timeout_minutes: Annotated[PosInt, RUNTIME] = 60
 
 
 class SearchConfig(Section):
@@ -277,11 +289,12 @@ class FinetuneConfig(Section):
     lr: Annotated[float, Field(gt=0.0)] = 2e-5
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
     batch_size: PosInt = 32  # global
-    eval_batch_size: PosInt = 128
+    eval_batch_size: Annotated[PosInt, RUNTIME] = 128
     warmup: Fraction = 0.1
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    checkpoint_every: PosInt = 500  # steps; also after every epoch's evaluation and on a stop signal
+    # steps; also after every epoch's evaluation and on a stop signal
+    checkpoint_every: Annotated[PosInt, RUNTIME] = 500
     earlybert: FinetuneEarlyBertConfig = FinetuneEarlyBertConfig()
 
     @model_validator(mode="after")
@@ -310,15 +323,45 @@ class RunConfig(Section):
     retrain: RetrainConfig = RetrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
 
+    def settings(self, sections: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The named sections' fields as dotted names (`pretrain.phases.0.steps`): (what the stage's output
+        depends on, with the seed; the RUNTIME fields)."""
+        result, runtime = {"run.seed": self.run.seed}, {}
+        for name in sections:
+            _flatten(getattr(self, name), name, result, runtime)
+        return result, runtime
+
     def section_hash(self, sections: tuple[str, ...]) -> str:
-        """Content hash of the named sections (and the seed): what a stage's output depends on."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
-        payload["seed"] = self.run.seed
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        """Content hash of the named sections' result fields (and the seed): what a stage's output depends on."""
+        blob = json.dumps(self.settings(sections)[0], sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _flatten(node: Any, prefix: str, result: dict[str, Any], runtime: dict[str, Any]) -> None:
+    if isinstance(node, list) and any(isinstance(item, BaseModel) for item in node):
+        result[f"{prefix}.#"] = len(node)  # a phase or source added or removed
+        for index, item in enumerate(node):
+            _flatten(item, f"{prefix}.{index}", result, runtime)
+        return
+    if not isinstance(node, BaseModel):
+        result[prefix] = json.loads(json.dumps(node, default=str))  # paths and tuples as JSON has them
+        return
+    for name, info in type(node).model_fields.items():
+        value, where = getattr(node, name), f"{prefix}.{name}"
+        if any(isinstance(m, Runtime) for m in info.metadata):
+            runtime[where] = json.loads(json.dumps(value, default=str))
+        else:
+            _flatten(value, where, result, runtime)
+
+
+def changed_fields(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """'name: old -> new' for every dotted field whose value differs (added or removed fields too)."""
+    missing = "(unset)"
+    return [f"{key}: {before.get(key, missing)} -> {after.get(key, missing)}"
+            for key in sorted(set(before) | set(after)) if before.get(key, missing) != after.get(key, missing)]
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -87,6 +87,9 @@ class StageRecord(BaseModel):
     world_size: int = 1
     host: str = ""
     error: str | None = None
+    settings: dict[str, Any] = {}  # the fields the config hash covers, by dotted name (to say what changed)
+    runtime: dict[str, Any] = {}  # the stage's RUNTIME fields as this run had them
+    runtime_changes: list[str] = []  # RUNTIME fields changed on a resume: 'when field: old -> new'
 
     def fingerprint(self) -> str:
         """The content hash a downstream stage records for this stage as its input."""

@@ -435,3 +435,31 @@ def test_the_compiled_static_step_trains_through_the_engine_and_exports_stock_we
     if not straight.exists():
         assert run_cli("pretrain", "--config", str(_variant(root, base, "straight"))).returncode == 0
     assert load_file(root / "runs/compiled/pretrain/export/model.safetensors").keys() == load_file(straight).keys()
+
+
+@pytest.mark.slow
+def test_a_changed_cadence_or_micro_batch_resumes_and_a_changed_learning_rate_moves_the_run_aside(prepared):
+    root, base = prepared
+    stage = root / "runs" / "cadence" / "pretrain"
+    _kill9_after(_variant(root, base, "cadence"), stage, 10)  # checkpoints at steps 4 and 8 of phase 0
+    phases = [{**base["pretrain"]["phases"][0], "micro_batch_size": 4}, base["pretrain"]["phases"][1]]
+    changed = {**base["pretrain"], "phases": phases, "checkpoint_every": 3, "eval_every": 5, "log_every": 2,
+               "peak_tflops": 1.0, "keep_last": 3, "eval_batches": 1}
+    config = _variant(root, base, "cadence", pretrain=changed,
+                      distributed={**base["distributed"], "timeout_minutes": 30})
+    resumed = _run_stage(config)
+    said = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, said[-3000:]
+    assert "resumed phase 0 at step 8" in said and "moved to" not in said, said[-3000:]
+    record = json.loads((stage / "stage.json").read_text())
+    assert record["status"] == "complete"
+    assert record["runtime"]["pretrain.phases.0.micro_batch_size"] == 4
+    assert any(c.endswith("pretrain.checkpoint_every: 4 -> 3") for c in record["runtime_changes"]), record
+    assert any(c.endswith("distributed.timeout_minutes: 60 -> 30") for c in record["runtime_changes"]), record
+    # what the run computes: the run is moved aside, and the warning names the field
+    config = _variant(root, base, "cadence", pretrain=changed, optimizer={**base["optimizer"], "lr": 2e-3})
+    moved = _run_stage(config)
+    said = moved.stdout + moved.stderr
+    assert moved.returncode == 0, said[-3000:]
+    assert "config changed (optimizer.lr: 0.003 -> 0.002); previous output moved to" in said, said[-3000:]
+    assert "resumed phase" not in said

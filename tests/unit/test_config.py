@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from pipeline.__main__ import main
@@ -132,3 +133,35 @@ def test_cli_process_exit_code_and_single_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "model.preset" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+RUNTIME_CHANGES = {"pretrain.checkpoint_every": 7, "pretrain.eval_every": 3, "pretrain.log_every": 1,
+                   "pretrain.peak_tflops": 1.5, "pretrain.compile": True, "pretrain.keep_last": 5,
+                   "pretrain.eval_batches": 3, "pretrain.phases.0.micro_batch_size": 4,
+                   "distributed.timeout_minutes": 5, "distributed.backend": "gloo"}
+
+
+@pytest.mark.parametrize("field, value", list(RUNTIME_CHANGES.items()))
+def test_how_a_stage_runs_is_not_part_of_its_fingerprint(tmp_path, field, value):
+    sections = ("data", "model", "optimizer", "schedule", "pretrain", "distributed")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "x"}, "pretrain": {"phases": [
+        {"seq_len": 128, "steps": 10, "global_batch_size": 16, "micro_batch_size": 8}]}}))
+    base, changed = load_config(path), load_config(path, [f"{field}={value}"])
+    assert base.section_hash(sections) == changed.section_hash(sections)
+    assert changed.settings(sections)[1][field] == value  # recorded as a RUNTIME field
+
+
+@pytest.mark.parametrize("field, value", [("optimizer.lr", 0.001), ("model.hidden_size", 64),
+                                          ("pretrain.phases.0.global_batch_size", 32), ("run.seed", 7)])
+def test_what_a_stage_computes_is_and_the_change_is_named(tmp_path, field, value):
+    from pipeline.config import changed_fields
+
+    sections = ("data", "model", "optimizer", "schedule", "pretrain", "distributed")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "x"}, "pretrain": {"phases": [
+        {"seq_len": 128, "steps": 10, "global_batch_size": 16, "micro_batch_size": 8}]}}))
+    base, changed = load_config(path), load_config(path, [f"{field}={value}"])
+    assert base.section_hash(sections) != changed.section_hash(sections)
+    named = changed_fields(base.settings(sections)[0], changed.settings(sections)[0])
+    assert len(named) == 1 and named[0].startswith(f"{field}: ") and named[0].endswith(f" -> {value}"), named
