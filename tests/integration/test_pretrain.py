@@ -463,3 +463,28 @@ def test_a_changed_cadence_or_micro_batch_resumes_and_a_changed_learning_rate_mo
     assert moved.returncode == 0, said[-3000:]
     assert "config changed (optimizer.lr: 0.003 -> 0.002); previous output moved to" in said, said[-3000:]
     assert "resumed phase" not in said
+
+
+@pytest.mark.slow
+def test_kill9_of_the_started_command_stops_the_launcher_and_every_rank(prepared):
+    """The command dies without cleaning up (kill -9 of its whole session, as a lost job step or the OOM killer
+    would): its watchdog stops the launch as a stop signal would, so nothing trains on unseen."""
+    root, base = prepared
+    config = _variant(root, base, "orphaned", pretrain={
+        "phases": [{"seq_len": 64, "steps": 400, "global_batch_size": 16, "micro_batch_size": 8}],
+        "checkpoint_every": 1000, "eval_every": 1000})
+    stage = root / "runs" / "orphaned" / "pretrain"
+    proc = subprocess.Popen(["bash", "launch/run_stage.sh", "pretrain", str(config), "hostfiles/localhost"],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    _wait_for_steps(proc, stage, 4)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and _left_running(config):
+        time.sleep(0.5)
+    assert not _left_running(config), _left_running(config)
+    record = json.loads((stage / "stage.json").read_text())
+    saved = json.loads((stage / "checkpoints" / "latest.json").read_text())
+    assert record["status"] == "stopped" and saved["step"] < 400, record  # saved where it was, not run to the end
+    assert not list(stage.parent.glob(".stop-*")), "the stop file is left behind"
