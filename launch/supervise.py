@@ -48,7 +48,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, sign
 # PIPELINE_FORWARD_ENV="NAME ..." adds more.
 EXPORTED = ("DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG",
             "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE",
-            "TOKENIZERS_PARALLELISM", "PIPELINE_STOP_GRACE_S")
+            "TOKENIZERS_PARALLELISM", "PIPELINE_STOP_GRACE_S", "PIPELINE_STOP_FILE")
 
 
 def env_file_lines(environ: dict[str, str], user_files: list[Path]) -> list[str]:
@@ -159,7 +159,22 @@ def supervise(command: list[str], env: dict[str, str], stop_file: Path | None = 
     code = launcher.wait()
     kill_session(launcher.pid)  # no orphans: ranks, loaders, anything the launcher left
     watchdog.communicate(b"done\n")
-    return code if code >= 0 else 128 - code
+    code = code if code >= 0 else 128 - code
+    return ranks_code(stop_file) if code == 0 and stop_file is not None else code
+
+
+def ranks_code(stop_file: Path) -> int:
+    """What the ranks exited with, as launch/rank.py recorded it (DeepSpeed's MPI helper exits 0 whatever the
+    rank did): 0 if none recorded or all 0; else a failure's code before a stop's (75)."""
+    codes = []
+    for path in stop_file.parent.glob(f"{stop_file.name}.exit-rank*"):
+        try:
+            codes.append(int(path.read_text()))
+        except (OSError, ValueError):
+            codes.append(1)
+        path.unlink(missing_ok=True)
+    failed = [c for c in codes if c not in (0, 75)]
+    return failed[0] if failed else max(codes, default=0)
 
 
 def watch(launcher_pid: int, stop_file: Path | None, grace: float) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -229,3 +230,36 @@ def test_kill9_of_one_hosts_rank_stops_the_run_and_the_same_command_resumes(clus
         assert _pretrain_two_hosts(cluster, straight).returncode == 0
     a, b = load_file(reference), _weights(prepared, name)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
+
+
+@pytest.mark.parametrize("launcher", ["pdsh", "mpich"])
+def test_sigterm_to_a_two_host_launch_saves_one_step_on_every_rank_and_the_rerun_resumes_from_it(
+        cluster, prepared, launcher):
+    """The ranks are children of remote shells (pdsh's ssh, mpirun's hydra over ssh), not of the command the
+    user signals: the stop reaches them through the stop file in the run directory."""
+    name = f"stopped-2h-{launcher}"
+    config = _config(prepared, name, pretrain={"checkpoint_every": 1000, "phases": [
+        {"seq_len": 64, "steps": 150, "global_batch_size": 16, "micro_batch_size": 8}]})
+    stage = _same_prepare(prepared, name).parent / "pretrain"
+    launch = cluster.on(0, ["bash", "launch/run_stage.sh", "pretrain", str(config), str(cluster.hostfile)],
+                        env=_launch_env(cluster, LAUNCHER=launcher), cwd=REPO, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while _steps_logged(stage) < 4 and time.time() < deadline and launch.poll() is None:
+        time.sleep(0.05)
+    assert launch.poll() is None, "the launch ended before the signal"
+    launch.send_signal(signal.SIGTERM)
+    out, _ = launch.communicate(timeout=300)
+    assert launch.returncode == 75, out[-3000:]
+    saved = json.loads((stage / "checkpoints" / "latest.json").read_text())
+    assert 4 <= saved["step"] < 150, saved
+    folder = stage / "checkpoints" / saved["tag"]
+    assert (folder / "rank0.pt").is_file() and (folder / "rank1.pt").is_file()  # both ranks saved that step
+    record = json.loads((stage / "stage.json").read_text())
+    assert record["status"] == "stopped" and f"step {saved['step']}" in record["error"], record
+    time.sleep(1)
+    assert not cluster.leftovers(), cluster.leftovers()
+    assert not list(stage.parent.glob(".stop-*"))
+    proc = _pretrain_two_hosts(cluster, config, LAUNCHER=launcher)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"resumed phase 0 at step {saved['step']}" in proc.stdout, proc.stdout[-3000:]
