@@ -89,23 +89,42 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, directory: Path, position: Position, client_state: dict, dist: Dist, keep: int) -> None:
+    """Every rank's files, then (rank 0) the manifest and `latest.json`. A full disk on any rank fails the save
+    on every rank at once, with that rank's line, and the half-written folder is removed once no rank is
+    writing to it any more; the previous checkpoint stays the one named."""
     directory = Path(directory)
+    problem = None
     try:
         engine.save(directory, position.tag, client_state)
-        torch.save({"rng": rng_state(), "optimizer": engine.rank_state()},
-                   directory / position.tag / f"rank{dist.rank}.pt")
     except (OSError, RuntimeError) as exc:
-        full = _disk_full(exc, directory)
-        if full is None:
-            raise
-        shutil.rmtree(directory / position.tag, ignore_errors=True)  # room for the stage record; never named
-        raise StageInputError(full) from None
-    dist.barrier()  # every rank's files are written before the checkpoint is described and named
+        problem = _disk_full_or_raise(exc, directory, dist)
+        # the files are written between DeepSpeed's tag check and the barrier its save ends with, where the
+        # other ranks now wait: meet them there, so every rank reaches the agreement below
+        dist.barrier()
+    if problem is None:
+        try:
+            torch.save({"rng": rng_state(), "optimizer": engine.rank_state()},
+                       directory / position.tag / f"rank{dist.rank}.pt")
+        except (OSError, RuntimeError) as exc:
+            problem = _disk_full_or_raise(exc, directory, dist)
+    problems = [p for p in dist.all_gather_object(problem) if p]  # also: every rank's files are written
+    if problems:
+        if dist.is_main:
+            shutil.rmtree(directory / position.tag, ignore_errors=True)  # room for the stage record; never named
+        dist.barrier()
+        raise StageInputError(problems[0])
     if dist.is_main:
         write_manifest(directory / position.tag, position)
         atomic_write_json(directory / LATEST, position.__dict__)
         _prune(directory, keep)
     dist.barrier()
+
+
+def _disk_full_or_raise(exc: BaseException, directory: Path, dist: Dist) -> str:
+    full = _disk_full(exc, directory)
+    if full is None:
+        raise exc
+    return f"rank {dist.rank}: {full}" if dist.world_size > 1 else full
 
 
 def _disk_full(exc: BaseException, directory: Path) -> str | None:
