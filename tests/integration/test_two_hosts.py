@@ -9,6 +9,7 @@ on the launching shell (the interface name, the accelerator), never on the remot
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -263,3 +264,49 @@ def test_sigterm_to_a_two_host_launch_saves_one_step_on_every_rank_and_the_rerun
     proc = _pretrain_two_hosts(cluster, config, LAUNCHER=launcher)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"resumed phase 0 at step {saved['step']}" in proc.stdout, proc.stdout[-3000:]
+
+
+def _readme_cluster_commands() -> list[str]:
+    """The commands of the README's cluster section that start ranks on the hosts (not Slurm's)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Running on your cluster", 1)[1].split("\n## ", 1)[0]
+    lines = [line.split("  #", 1)[0].strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+             for line in block.splitlines()]
+    starts = ("make env", "make prepare", "make pretrain", "LAUNCHER=mpich make", "bash launch/prepare_mpi.sh",
+              "deepspeed --hostfile")
+    return [line for line in lines if line.startswith(starts)]
+
+
+@pytest.mark.long  # 3 minutes; `make test-cluster` runs it
+def test_the_readme_cluster_commands_run_each_stage_on_both_hosts(cluster, prepared, tmp_path):
+    """Each command as the README prints it, with a tiny config and this cluster's hostfile in place of the
+    academic config and hostfiles/cluster; its effect is checked, not only its exit code."""
+    commands = _readme_cluster_commands()
+    shown = [c.split(" CONFIG")[0].split(" configs/")[0].strip() for c in commands]
+    assert shown == ["make env HOSTFILE=hostfiles/cluster", "make prepare", "make pretrain",
+                     "deepspeed --hostfile hostfiles/cluster --module pipeline pretrain --config",
+                     "bash launch/prepare_mpi.sh", "LAUNCHER=mpich make pretrain"], commands
+    config = _config(tmp_path, "readme")
+    run = tmp_path / "runs" / "readme"
+    env_file = tmp_path / "deepspeed_env"  # what the plain deepspeed form needs on the remote host
+    env_file.write_text(f"DS_ACCELERATOR=cpu\nGLOO_SOCKET_IFNAME={twohost.hosts.IFACE}\nTOKENIZERS_PARALLELISM=false\n")
+    for command in commands:
+        line = (command.replace("configs/bert-base-academic.yaml", str(config))
+                .replace("hostfiles/cluster", str(cluster.hostfile)).replace("prepare_mpi.sh " + str(config) + " 4",
+                                                                            "prepare_mpi.sh " + str(config) + " 2"))
+        stage = "prepare" if "prepare" in command else "pretrain" if "pretrain" in command else None
+        if stage:
+            shutil.rmtree(run / stage, ignore_errors=True)  # each command does the work itself
+        extra = {"DS_ENV_FILE": str(env_file)} if command.startswith("deepspeed") else {}
+        proc = _on_node0(cluster, ["bash", "-c", line], PATH=f"{REPO / '.venv/bin'}:{cluster.env()['PATH']}",
+                         **extra)
+        assert proc.returncode == 0, (command, proc.stdout[-3000:])
+        if stage is None:
+            assert "bp1node0" in proc.stdout and "bp1node1" in proc.stdout, proc.stdout[-3000:]
+            continue
+        record = json.loads((run / stage / "stage.json").read_text())
+        assert record["status"] == "complete" and record["world_size"] == 2, (command, record)
+        if stage == "prepare":
+            assert (run / "prepare" / "manifest.json").is_file()
+        else:
+            assert (run / "pretrain" / "export" / "model.safetensors").is_file()
