@@ -97,7 +97,7 @@ def save(engine, directory: Path, position: Position, client_state: dict, dist: 
     try:
         engine.save(directory, position.tag, client_state)
     except (OSError, RuntimeError) as exc:
-        problem = _disk_full_or_raise(exc, directory, dist)
+        problem = _disk_full_or_raise(exc, directory, position.tag, dist)
         # the files are written between DeepSpeed's tag check and the barrier its save ends with, where the
         # other ranks now wait: meet them there, so every rank reaches the agreement below
         dist.barrier()
@@ -106,7 +106,7 @@ def save(engine, directory: Path, position: Position, client_state: dict, dist: 
             torch.save({"rng": rng_state(), "optimizer": engine.rank_state()},
                        directory / position.tag / f"rank{dist.rank}.pt")
         except (OSError, RuntimeError) as exc:
-            problem = _disk_full_or_raise(exc, directory, dist)
+            problem = _disk_full_or_raise(exc, directory, position.tag, dist)
     problems = [p for p in dist.all_gather_object(problem) if p]  # also: every rank's files are written
     if problems:
         if dist.is_main:
@@ -120,16 +120,17 @@ def save(engine, directory: Path, position: Position, client_state: dict, dist: 
     dist.barrier()
 
 
-def _disk_full_or_raise(exc: BaseException, directory: Path, dist: Dist) -> str:
-    full = _disk_full(exc, directory)
+def _disk_full_or_raise(exc: BaseException, directory: Path, tag: str, dist: Dist) -> str:
+    full = _disk_full(exc, directory, tag)
     if full is None:
         raise exc
     return f"rank {dist.rank}: {full}" if dist.world_size > 1 else full
 
 
-def _disk_full(exc: BaseException, directory: Path) -> str | None:
+def _disk_full(exc: BaseException, directory: Path, tag: str) -> str | None:
     """The one line for a save that ran out of space, or None if `exc` is something else."""
-    free = shutil.disk_usage(directory).free
+    # the folder written to, which may sit on another filesystem than its parent (a quota, a mount)
+    free = shutil.disk_usage(directory / tag if (directory / tag).is_dir() else directory).free
     chain, seen = [], exc
     while seen is not None and len(chain) < 8:
         chain.append(seen)

@@ -310,3 +310,37 @@ def test_the_readme_cluster_commands_run_each_stage_on_both_hosts(cluster, prepa
             assert (run / "prepare" / "manifest.json").is_file()
         else:
             assert (run / "pretrain" / "export" / "model.safetensors").is_file()
+
+
+def test_a_full_disk_on_one_host_fails_the_save_on_every_rank_at_once(cluster, prepared):
+    """Only the second host sees a full filesystem where the checkpoint goes (a 64 kB tmpfs mounted in its
+    mount namespace alone): its rank's write fails, and every rank stops together with that rank's line,
+    instead of the first host's rank waiting at a barrier for distributed.timeout_minutes."""
+    name = "full-2h"
+    config = _config(prepared, name, pretrain={"checkpoint_every": 40, "phases": [
+        {"seq_len": 64, "steps": 60, "global_batch_size": 16, "micro_batch_size": 8}]})
+    stage = _same_prepare(prepared, name).parent / "pretrain"
+    folder = stage / "checkpoints" / "p0-s0000040"  # the first save
+    launch = cluster.on(0, ["bash", "launch/run_stage.sh", "pretrain", str(config), str(cluster.hostfile)],
+                        env=_launch_env(cluster), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True)
+    deadline = time.time() + 300
+    while _steps_logged(stage) < 1 and time.time() < deadline and launch.poll() is None:
+        time.sleep(0.05)  # training: the resume's clean-up of unnamed checkpoint folders is over
+    folder.mkdir(parents=True)
+    mounted = cluster.on(1, ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)])
+    assert mounted.wait() == 0 and _steps_logged(stage) < 40, "mounted too late"
+    started = time.time()
+    try:
+        out, _ = launch.communicate(timeout=300)
+    finally:
+        cluster.on(1, ["umount", "-l", str(folder)]).wait()
+    assert launch.returncode == 2 and time.time() - started < 120, out[-3000:]
+    errors = {line.split(": ", 1)[1] for line in out.splitlines() if ": error: " in line or line.startswith("error:")}
+    assert len(errors) == 1 and "rank 1: " in next(iter(errors)) and "no space left on device" in next(iter(errors)), \
+        out[-3000:]
+    record = json.loads((stage / "stage.json").read_text())
+    assert record["status"] == "failed" and "no space left" in record["error"], record
+    assert not folder.exists()  # removed once no rank wrote to it; never named in latest.json
+    time.sleep(1)
+    assert not cluster.leftovers(), cluster.leftovers()
