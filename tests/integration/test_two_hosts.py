@@ -233,7 +233,7 @@ def test_kill9_of_one_hosts_rank_stops_the_run_and_the_same_command_resumes(clus
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
 
 
-@pytest.mark.parametrize("launcher", ["pdsh", "mpich"])
+@pytest.mark.parametrize("launcher", ["pdsh", pytest.param("mpich", marks=pytest.mark.long)])
 def test_sigterm_to_a_two_host_launch_saves_one_step_on_every_rank_and_the_rerun_resumes_from_it(
         cluster, prepared, launcher):
     """The ranks are children of remote shells (pdsh's ssh, mpirun's hydra over ssh), not of the command the
