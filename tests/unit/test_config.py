@@ -135,6 +135,16 @@ def test_cli_process_exit_code_and_single_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+PRETRAIN_SECTIONS = ("data", "model", "optimizer", "schedule", "pretrain", "distributed")
+
+
+def _base_and_changed(tmp_path, field: str, value) -> tuple:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "x"}, "pretrain": {"phases": [
+        {"seq_len": 128, "steps": 10, "global_batch_size": 16, "micro_batch_size": 8}]}}))
+    return load_config(path), load_config(path, [f"{field}={value}"])
+
+
 RUNTIME_CHANGES = {"pretrain.checkpoint_every": 7, "pretrain.eval_every": 3, "pretrain.log_every": 1,
                    "pretrain.peak_tflops": 1.5, "pretrain.compile": True, "pretrain.keep_last": 5,
                    "pretrain.eval_batches": 3, "pretrain.phases.0.micro_batch_size": 4,
@@ -143,13 +153,9 @@ RUNTIME_CHANGES = {"pretrain.checkpoint_every": 7, "pretrain.eval_every": 3, "pr
 
 @pytest.mark.parametrize("field, value", list(RUNTIME_CHANGES.items()))
 def test_how_a_stage_runs_is_not_part_of_its_fingerprint(tmp_path, field, value):
-    sections = ("data", "model", "optimizer", "schedule", "pretrain", "distributed")
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"run": {"name": "x"}, "pretrain": {"phases": [
-        {"seq_len": 128, "steps": 10, "global_batch_size": 16, "micro_batch_size": 8}]}}))
-    base, changed = load_config(path), load_config(path, [f"{field}={value}"])
-    assert base.section_hash(sections) == changed.section_hash(sections)
-    assert changed.settings(sections)[1][field] == value  # recorded as a RUNTIME field
+    base, changed = _base_and_changed(tmp_path, field, value)
+    assert base.section_hash(PRETRAIN_SECTIONS) == changed.section_hash(PRETRAIN_SECTIONS)
+    assert changed.settings(PRETRAIN_SECTIONS)[1][field] == value  # recorded as a RUNTIME field
 
 
 @pytest.mark.parametrize("field, value", [("optimizer.lr", 0.001), ("model.hidden_size", 64),
@@ -157,11 +163,7 @@ def test_how_a_stage_runs_is_not_part_of_its_fingerprint(tmp_path, field, value)
 def test_what_a_stage_computes_is_and_the_change_is_named(tmp_path, field, value):
     from pipeline.config import changed_fields
 
-    sections = ("data", "model", "optimizer", "schedule", "pretrain", "distributed")
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"run": {"name": "x"}, "pretrain": {"phases": [
-        {"seq_len": 128, "steps": 10, "global_batch_size": 16, "micro_batch_size": 8}]}}))
-    base, changed = load_config(path), load_config(path, [f"{field}={value}"])
-    assert base.section_hash(sections) != changed.section_hash(sections)
-    named = changed_fields(base.settings(sections)[0], changed.settings(sections)[0])
+    base, changed = _base_and_changed(tmp_path, field, value)
+    assert base.section_hash(PRETRAIN_SECTIONS) != changed.section_hash(PRETRAIN_SECTIONS)
+    named = changed_fields(base.settings(PRETRAIN_SECTIONS)[0], changed.settings(PRETRAIN_SECTIONS)[0])
     assert len(named) == 1 and named[0].startswith(f"{field}: ") and named[0].endswith(f" -> {value}"), named
