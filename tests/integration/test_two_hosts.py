@@ -233,7 +233,8 @@ def test_kill9_of_one_hosts_rank_stops_the_run_and_the_same_command_resumes(clus
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
 
 
-@pytest.mark.parametrize("launcher", ["pdsh", pytest.param("mpich", marks=pytest.mark.long)])
+@pytest.mark.long  # 2 launches on the two hosts; `make test-cluster` runs it
+@pytest.mark.parametrize("launcher", ["pdsh", "mpich"])
 def test_sigterm_to_a_two_host_launch_saves_one_step_on_every_rank_and_the_rerun_resumes_from_it(
         cluster, prepared, launcher):
     """The ranks are children of remote shells (pdsh's ssh, mpirun's hydra over ssh), not of the command the
@@ -312,6 +313,7 @@ def test_the_readme_cluster_commands_run_each_stage_on_both_hosts(cluster, prepa
             assert (run / "pretrain" / "export" / "model.safetensors").is_file()
 
 
+@pytest.mark.long  # `make test-cluster` runs it
 def test_a_full_disk_on_one_host_fails_the_save_on_every_rank_at_once(cluster, prepared):
     """Only the second host sees a full filesystem where the checkpoint goes (a 64 kB tmpfs mounted in its
     mount namespace alone): its rank's write fails, and every rank stops together with that rank's line,
