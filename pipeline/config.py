@@ -21,18 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.fingerprint import RUNTIME, flatten
 
-
-class Runtime:
-    """Field metadata: the field says how a stage runs (how often it logs, evaluates or saves, micro-batches
-    at the same global batch, timeouts), not what it computes. Stage fingerprints leave such fields out, so
-    changing one on a rerun resumes the stage instead of moving its output aside."""
-
-    def __repr__(self) -> str:
-        return "RUNTIME"
-
-
-RUNTIME = Runtime()
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -328,7 +318,7 @@ class RunConfig(Section):
         depends on, with the seed; the RUNTIME fields)."""
         result, runtime = {"run.seed": self.run.seed}, {}
         for name in sections:
-            _flatten(getattr(self, name), name, result, runtime)
+            flatten(getattr(self, name), name, result, runtime)
         return result, runtime
 
     def section_hash(self, sections: tuple[str, ...]) -> str:
@@ -338,30 +328,6 @@ class RunConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _flatten(node: Any, prefix: str, result: dict[str, Any], runtime: dict[str, Any]) -> None:
-    if isinstance(node, list) and any(isinstance(item, BaseModel) for item in node):
-        result[f"{prefix}.#"] = len(node)  # a phase or source added or removed
-        for index, item in enumerate(node):
-            _flatten(item, f"{prefix}.{index}", result, runtime)
-        return
-    if not isinstance(node, BaseModel):
-        result[prefix] = json.loads(json.dumps(node, default=str))  # paths and tuples as JSON has them
-        return
-    for name, info in type(node).model_fields.items():
-        value, where = getattr(node, name), f"{prefix}.{name}"
-        if any(isinstance(m, Runtime) for m in info.metadata):
-            runtime[where] = json.loads(json.dumps(value, default=str))
-        else:
-            _flatten(value, where, result, runtime)
-
-
-def changed_fields(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """'name: old -> new' for every dotted field whose value differs (added or removed fields too)."""
-    missing = "(unset)"
-    return [f"{key}: {before.get(key, missing)} -> {after.get(key, missing)}"
-            for key in sorted(set(before) | set(after)) if before.get(key, missing) != after.get(key, missing)]
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

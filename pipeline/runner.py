@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig, changed_fields
+from pipeline.config import RunConfig
 from pipeline.console import get_logger
 from pipeline.dist import Dist, lost_peer
 from pipeline.errors import PipelineError, RankLost, StageInputError, Stopped
+from pipeline.fingerprint import changed_fields
 from pipeline.lock import StageLock
 from pipeline.rundir import RunDir, StageRecord, atomic_write_text, host_name, now_iso
 from pipeline.stages import StageSpec, stage_specs

@@ -161,7 +161,7 @@ def test_how_a_stage_runs_is_not_part_of_its_fingerprint(tmp_path, field, value)
 @pytest.mark.parametrize("field, value", [("optimizer.lr", 0.001), ("model.hidden_size", 64),
                                           ("pretrain.phases.0.global_batch_size", 32), ("run.seed", 7)])
 def test_what_a_stage_computes_is_and_the_change_is_named(tmp_path, field, value):
-    from pipeline.config import changed_fields
+    from pipeline.fingerprint import changed_fields
 
     base, changed = _base_and_changed(tmp_path, field, value)
     assert base.section_hash(PRETRAIN_SECTIONS) != changed.section_hash(PRETRAIN_SECTIONS)
