@@ -17,6 +17,7 @@ import datetime as dt
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -66,6 +67,20 @@ class LaunchEnv:
     @property
     def single_node(self) -> bool:
         return self.local_world_size == self.world_size
+
+
+def build_tools_path(path: str, executable: str) -> str:
+    """PATH with this interpreter's bin directory first, when it has its own ninja.
+
+    DeepSpeed builds its CPU ops (the shm all-reduce) on first use with whichever ninja PATH finds. A
+    rank started from a bare ssh shell (pdsh, mpirun on another host) finds the system's ninja, the
+    local ranks the venv's; two ninja versions do not read each other's build log, so each launch
+    would rebuild the op in the shared extensions cache (a minute of compiling per launch)."""
+    bindir = os.path.dirname(executable)
+    if not os.path.isfile(os.path.join(bindir, "ninja")):
+        return path
+    rest = [entry for entry in path.split(os.pathsep) if entry and entry != bindir]
+    return os.pathsep.join([bindir, *rest])
 
 
 def detect(environ: Mapping[str, str]) -> LaunchEnv:
@@ -171,6 +186,7 @@ class Dist:
             "LOCAL_RANK": str(env.local_rank), "LOCAL_WORLD_SIZE": str(env.local_world_size),
             "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port),
         })
+        os.environ["PATH"] = build_tools_path(os.environ.get("PATH", ""), sys.executable)
 
     def backend(self) -> str:
         """The process group's backend per device type. The coordination tensors (stop agreement, metric

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline import dist
 from pipeline.dist import LaunchEnv, detect
 
 
@@ -99,3 +100,14 @@ def test_nccl_without_gpus_is_one_line_naming_the_field(monkeypatch, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["error: distributed.backend: nccl needs CUDA GPUs, and this machine has none (auto picks gloo "
                      "here)"], proc.stderr
+
+
+def test_ranks_build_ops_with_the_ninja_beside_their_interpreter(tmp_path):
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    python = str(bindir / "python")
+    bare_ssh_path = "/usr/local/bin:/usr/bin:/bin"
+    assert dist.build_tools_path(bare_ssh_path, python) == bare_ssh_path  # no ninja there: PATH unchanged
+    (bindir / "ninja").write_text("")
+    assert dist.build_tools_path(bare_ssh_path, python) == f"{bindir}:{bare_ssh_path}"
+    assert dist.build_tools_path(f"/usr/bin:{bindir}", python) == f"{bindir}:/usr/bin"
