@@ -66,15 +66,15 @@ def seconds(record: dict) -> float:
     return (datetime.fromisoformat(record["ended_at"]) - datetime.fromisoformat(record["started_at"])).total_seconds()
 
 
-def subsample_tasks(cfg, root: Path, cap: int | None) -> list[dict]:
-    """The config's tasks with train sets cut to TRAIN_ROWS (or `cap`): a fixed, seeded choice of rows."""
+def subsample_tasks(cfg, root: Path, cap: int | None, train_rows: dict[str, int] = TRAIN_ROWS) -> list[dict]:
+    """The config's tasks with train sets cut to `train_rows` (or `cap`): a fixed, seeded choice of rows."""
     import random
 
     tasks = []
     for task in cfg.finetune.tasks:
         rows = list(csv.reader(task.train.open(encoding="utf-8"), delimiter="\t", quoting=csv.QUOTE_NONE))
         header, body = rows[0], rows[1:]
-        count = min(cap or TRAIN_ROWS.get(task.name, len(body)), len(body))
+        count = min(cap or train_rows.get(task.name, len(body)), len(body))
         keep = sorted(random.Random(0).sample(range(len(body)), count))
         path = root / "tasks" / task.name / "train.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -263,10 +263,27 @@ class FinetuneEarlyBertConfig(Section):
     """EarlyBERT in fine-tuning: search the ticket on the task, prune, fine-tune the ticket."""
 
     enabled: bool = False
-    search: SearchConfig = SearchConfig(check_every=10)  # gates, L1, ratios, FIFO rule: as in pretraining
+    # the tickets fine-tuned, each a variant of its own: `searched` (the search as `search.mode` says),
+    # `random` (the searched ticket's per-layer sizes, its heads and neurons drawn at random: the
+    # paper's baseline), `fixed` (drawn at `fixed_fraction` of the first epoch: the paper's own draw)
+    tickets: list[Literal["searched", "random", "fixed"]] = Field(default_factory=lambda: ["searched"], min_length=1)
+    search: SearchConfig = SearchConfig()  # gates, L1, ratios, FIFO rule: as in pretraining
+    # masks are drawn this many times an epoch (at most every step), so the FIFO spans the same share
+    # of an epoch on a task of 50 steps as on one of 5,000; null: every `search.check_every` steps
+    checks_per_epoch: PosInt | None = 100
+    fixed_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
     search_epochs: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # the search budget (at most)
     search_lr: Annotated[float, Field(gt=0.0)] = 2e-5
     retrain_epochs: PosInt = 2
+    retrain_lr: Annotated[float, Field(gt=0.0)] | None = None  # null: the task's fine-tuning lr
+
+    @model_validator(mode="after")
+    def _random_needs_searched(self):
+        if "random" in self.tickets and "searched" not in self.tickets:
+            raise ValueError("tickets: random draws the searched ticket's sizes; list searched too")
+        if len(set(self.tickets)) != len(self.tickets):
+            raise ValueError(f"tickets must be unique, got {self.tickets}")
+        return self
 
 
 class FinetuneConfig(Section):
@@ -275,6 +292,7 @@ class FinetuneConfig(Section):
     # directories; every one on every task, compared side by side
     models: list[str] = Field(default_factory=lambda: ["pretrain"], min_length=1)
     tasks: list[FinetuneTaskConfig] = Field(default_factory=list)
+    standard: bool = True  # fine-tune every weight (the dense baseline); false: the tickets only
     epochs: PosInt = 3
     lr: Annotated[float, Field(gt=0.0)] = 2e-5
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
@@ -294,6 +312,8 @@ class FinetuneConfig(Section):
             raise ValueError(f"task names must be unique, got {names}")
         if len(set(self.models)) != len(self.models):
             raise ValueError(f"models must be unique, got {self.models}")
+        if not self.standard and not self.earlybert.enabled:
+            raise ValueError("standard: false and earlybert.enabled: false leave nothing to fine-tune")
         for model in self.models:
             if model in ("prepare", "search", "finetune"):
                 raise ValueError(f"'{model}' writes no model to fine-tune; use pretrain, retrain, prune, scratch "

@@ -28,7 +28,7 @@ from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, sha256
 from pipeline.runner import StageContext, StageResult
 from pipeline.tasks.compare import comparison_rows, render
 from pipeline.tasks.data import TaskData, describe, load_task, write_predictions
-from pipeline.tasks.earlybert import search_ticket
+from pipeline.tasks.earlybert import Ticket, random_ticket, search_ticket
 from pipeline.tasks.loop import FineTuner, FitPlan, TaskObjective
 from pipeline.tasks.model import (
     STAGE_MODELS,
@@ -40,6 +40,8 @@ from pipeline.tasks.model import (
     save_task_model,
     train_flops,
 )
+
+TICKET_VARIANTS = {"searched": "earlybert", "random": "earlybert-random", "fixed": "earlybert-fixed"}
 
 
 def input_fingerprints(cfg) -> dict[str, str]:
@@ -65,9 +67,11 @@ def run(ctx: StageContext) -> StageResult:
             _check_length(task, source)
             data = load_task(task, tokenizer)
             ctx.log.info(f"{source.label}: {describe(data)}")
-            results.append(_variant(ctx, tuner, source, data, tokenizer, "standard"))
+            if cfg.standard:
+                results.append(_variant(ctx, tuner, source, data, tokenizer, "standard"))
             if cfg.earlybert.enabled and source.plan() is None and not source.random_init:
-                results.append(_variant(ctx, tuner, source, data, tokenizer, "earlybert"))
+                results += [_variant(ctx, tuner, source, data, tokenizer, TICKET_VARIANTS[kind])
+                            for kind in cfg.earlybert.tickets]
     rows = comparison_rows(results, ctx.run_dir.path)
     table, markdown = render(rows, [t.name for t in cfg.tasks], ctx.cfg.run.name)
     out = ctx.stage_dir
@@ -106,13 +110,13 @@ def _variant(ctx: StageContext, tuner: FineTuner, source: ModelSource, data: Tas
     if ctx.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     ctx.dist.barrier()
-    ticket = search_ticket(tuner, cfg, source, data, out, tokenizer.pad_token_id, seed) \
-        if variant == "earlybert" else None
+    ticket = _ticket_for(ctx, tuner, source, data, tokenizer.pad_token_id, variant, out)
     hf = build_task_model(source, task.kind, data.num_labels, seed, plan=ticket.plan if ticket else None,
                           labels=data.labels)
     epochs = cfg.earlybert.retrain_epochs if ticket else (task.epochs or cfg.epochs)
+    lr = (cfg.earlybert.retrain_lr if ticket else None) or task.lr or cfg.lr
     # the ticket's fine-tuning starts over on a rerun (the search before it is rerun too)
-    plan = FitPlan(epochs=epochs, lr=task.lr or cfg.lr, best_dir=out / "best",
+    plan = FitPlan(epochs=epochs, lr=lr, best_dir=out / "best",
                    save_best=lambda model, where: save_task_model(model, source.tokenizer, where),
                    ckpt_dir=out / "checkpoints" if ticket is None else None)
     fit = tuner.fit(TaskObjective(hf), data, plan, tokenizer.pad_token_id, f"{task.name}/{source.label}/{variant}")
@@ -131,6 +135,22 @@ def _variant(ctx: StageContext, tuner: FineTuner, source: ModelSource, data: Tas
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # done: `best/` holds the weights that count
     ctx.dist.barrier()
     return result
+
+
+def _ticket_for(ctx: StageContext, tuner: FineTuner, source: ModelSource, data: TaskData, pad_id: int, variant: str,
+                out: Path) -> Ticket | None:
+    """None for standard fine-tuning; else the variant's ticket: searched or fixed (a search on the task), or
+    random (the searched ticket's sizes, read from its masks.json, which the searched variant wrote first)."""
+    cfg, seed = ctx.cfg.finetune, ctx.cfg.run.seed
+    if variant == "standard":
+        return None
+    if variant == TICKET_VARIANTS["random"]:
+        searched_dir = out.with_name(f"{source.label}-{TICKET_VARIANTS['searched']}")
+        searched = json.loads((searched_dir / "masks.json").read_text())
+        return random_ticket(Ticket(searched["plan"], searched), BertConfig.from_pretrained(str(source.weights)), out,
+                             tuner, seed)
+    kind = "fixed" if variant == TICKET_VARIANTS["fixed"] else "searched"
+    return search_ticket(tuner, cfg, source, data, out, pad_id, seed, kind)
 
 
 def _predict(ctx: StageContext, tuner: FineTuner, hf, data: TaskData, pad_id: int, out: Path) -> None:
