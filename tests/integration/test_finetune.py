@@ -173,3 +173,34 @@ def test_finetune_cut_mid_epoch_resumes_to_the_same_result(tmp_path, bbc_dir):
     wa, wb = _best_weights(tmp_path / "runs/straight/finetune"), _best_weights(stage)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not (stage / "bbc" / LABEL / "checkpoints").exists()  # removed once the fit is done
+
+
+@pytest.mark.slow
+def test_the_fine_tuning_search_emerges_and_the_searched_and_random_tickets_fine_tune(tmp_path, bbc_dir):
+    """The FIFO rule fires inside the first epoch (masks drawn every step of a 13-step epoch), the search stops
+    there, and the random ticket has the searched ticket's count of heads and neurons in every layer."""
+    config = write_config(tmp_path / "eb.yaml", {
+        "run": {"name": "eb", "root": str(tmp_path / "runs")},
+        "distributed": {"ds_config": str(REPO / "ds_configs/cpu_demo.json")},
+        "finetune": {"models": [str(MINILM)], "tasks": [_bbc_task(bbc_dir, tmp_path)], "standard": False,
+                     "lr": 1e-4, "batch_size": 16, "precision": "fp32",
+                     "earlybert": {"enabled": True, "tickets": ["searched", "random"], "retrain_epochs": 1}}})
+    proc = run_cli("finetune", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stage = tmp_path / "runs" / "eb" / "finetune"
+    assert json.loads((stage / "stage.json").read_text())["status"] == "complete"
+    results = {r["variant"]: r for r in json.loads((stage / "results.json").read_text())["results"]}
+    assert set(results) == {"earlybert", "earlybert-random"}
+    searched = results["earlybert"]["ticket"]
+    assert searched["check_every"] == 1 and searched["steps_per_epoch"] == 13
+    assert searched["emerged_at"] is not None and searched["search_steps"] == searched["emerged_at"] < 13
+    assert searched["emerged_fraction"] == searched["emerged_at"] / 13
+    plans = [json.loads((stage / "bbc" / f"{LABEL}-{v}" / "masks.json").read_text())["plan"]
+             for v in ("earlybert", "earlybert-random")]
+    for kind in ("heads", "ffn"):
+        assert [len(row) for row in plans[0][kind]] == [len(row) for row in plans[1][kind]]
+    assert plans[0]["ffn"] != plans[1]["ffn"]
+    for r in results.values():
+        assert 0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["best_epoch"] == 1
+        assert r["parameters"] == results["earlybert"]["parameters"]
+    assert results["earlybert-random"]["ticket"]["search_steps"] == 0
