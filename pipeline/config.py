@@ -83,7 +83,8 @@ class SourceConfig(Section):
 
 
 class TokenizerConfig(Section):
-    kind: Literal["bert-base-uncased", "vocab_file", "train"] = "bert-base-uncased"
+    # pretrained: the vocab of pretrain.init_from (its vocab.txt, its lowercasing)
+    kind: Literal["bert-base-uncased", "vocab_file", "train", "pretrained"] = "bert-base-uncased"
     vocab_file: Path | None = None
     vocab_size: PosInt = 30522  # only for kind=train
     lowercase: bool = True
@@ -181,6 +182,9 @@ class PhaseConfig(Section):
 
 class PretrainConfig(Section):
     phases: list[PhaseConfig] = Field(default_factory=list)
+    # continue a published BERT (a save_pretrained directory: BertModel, BertForMaskedLM or
+    # BertForPreTraining) instead of random weights; its geometry and vocab are the model's
+    init_from: Path | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     grad_clip: Annotated[float, Field(ge=0.0)] = 1.0
     checkpoint_every: Annotated[PosInt, RUNTIME] = 1000
@@ -332,6 +336,12 @@ class RunConfig(Section):
     search: SearchConfig = SearchConfig()
     retrain: RetrainConfig = RetrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+
+    @model_validator(mode="after")
+    def _pretrained_vocab_needs_a_checkpoint(self):
+        if self.data.tokenizer.kind == "pretrained" and self.pretrain.init_from is None:
+            raise ValueError("data.tokenizer.kind: pretrained takes the vocab of pretrain.init_from, which is not set")
+        return self
 
     def settings(self, sections: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The named sections' fields as dotted names (`pretrain.phases.0.steps`): (what the stage's output

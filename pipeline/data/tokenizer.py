@@ -60,6 +60,20 @@ def read_vocab(path: Path, field: str) -> list[str]:
     return tokens
 
 
+def pretrained_vocab(cfg: TokenizerConfig, checkpoint: Path) -> TokenizerConfig:
+    """kind `pretrained`: the checkpoint's vocab.txt, lowercased as its tokenizer_config.json says."""
+    import json
+
+    vocab = Path(checkpoint) / "vocab.txt"
+    if not vocab.is_file():
+        raise StageInputError(f"data.tokenizer.kind: pretrained: {vocab} does not exist (pretrain.init_from's vocab)")
+    settings = Path(checkpoint) / "tokenizer_config.json"
+    lowercase = cfg.lowercase
+    if settings.is_file():
+        lowercase = bool(json.loads(settings.read_text()).get("do_lower_case", lowercase))
+    return cfg.model_copy(update={"kind": "vocab_file", "vocab_file": vocab, "lowercase": lowercase})
+
+
 def build_tokenizer(cfg: TokenizerConfig, out_dir: Path, corpus: Iterator[str] | None) -> TokenizerInfo:
     """Write the tokenizer files into `out_dir`; `corpus` is only read when training a vocab."""
     out_dir.mkdir(parents=True, exist_ok=True)

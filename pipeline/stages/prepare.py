@@ -25,7 +25,7 @@ from pipeline.console import print_table, progress
 from pipeline.data.hf import parquet_files, plan_dataset_units
 from pipeline.data.shards import FORMAT_VERSION, MANIFEST
 from pipeline.data.sources import WorkUnit, expand_paths, iter_unit_docs, plan_file_units
-from pipeline.data.tokenizer import build_tokenizer, tokenizer_info
+from pipeline.data.tokenizer import build_tokenizer, pretrained_vocab, tokenizer_info
 from pipeline.data.units import UnitJob, process_unit, unit_done
 from pipeline.errors import ConfigError, StageInputError
 from pipeline.rundir import atomic_write_json, sha256_json
@@ -43,6 +43,10 @@ def input_fingerprints(cfg: RunConfig) -> dict[str, str]:
         for path in paths:
             st = os.stat(path)
             digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    if cfg.data.tokenizer.kind == "pretrained":  # the vocab comes from outside the data section
+        vocab = Path(cfg.pretrain.init_from) / "vocab.txt"
+        st = os.stat(vocab) if vocab.exists() else None
+        digest.update(f"{vocab}\0{st and st.st_size}\0{st and st.st_mtime_ns}\n".encode())
     return {"corpus": digest.hexdigest()}
 
 
@@ -127,7 +131,10 @@ def _ensure_tokenizer(ctx: StageContext, units: list[WorkUnit]) -> None:
         corpus = (doc for u in units for doc in iter_unit_docs(u, data.sources[u.source], data.max_line_chars,
                                                                Counter()))
     tmp = ctx.stage_dir / "tokenizer.tmp"
-    info = build_tokenizer(data.tokenizer, tmp, corpus)
+    rules = data.tokenizer
+    if rules.kind == "pretrained":
+        rules = pretrained_vocab(rules, ctx.cfg.pretrain.init_from)
+    info = build_tokenizer(rules, tmp, corpus)
     os.replace(tmp, tok_dir)
     ctx.log.info(f"tokenizer: {info.vocab_size} tokens, sha256 {info.sha256[:12]}")
 

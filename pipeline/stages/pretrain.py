@@ -18,18 +18,16 @@ from pipeline.config import RunConfig
 from pipeline.data.loader import manifest_tokenizer, read_manifest
 from pipeline.data.tokenizer import tokenizer_info
 from pipeline.errors import ConfigError, StageInputError
-from pipeline.model.bert import (
-    PretrainObjective,
-    bert_config,
-    build_model,
-    compile_whole,
-    count_parameters,
-    train_flops_per_token,
-)
+from pipeline.model.bert import PretrainObjective, compile_whole, count_parameters, train_flops_per_token
+from pipeline.model.init_from import checkpoint_fingerprint, starting_model
 from pipeline.runner import StageContext, StageResult
 from pipeline.train import Trainer
 
 EXPORT = "export"
+
+
+def input_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    return checkpoint_fingerprint(cfg)
 
 
 def checked_tokenizer(prepare_dir: Path):
@@ -48,15 +46,15 @@ def run(ctx: StageContext) -> StageResult:
     prepare_dir = ctx.input_dir("prepare")
     manifest, info = checked_tokenizer(prepare_dir)
     longest = max(p.seq_len for p in cfg.pretrain.phases) if cfg.pretrain.phases else 0
-    if longest > cfg.model.max_position_embeddings:
+    if cfg.pretrain.init_from is None and longest > cfg.model.max_position_embeddings:
         raise ConfigError(f"pretrain.phases: seq_len {longest} exceeds model.max_position_embeddings "
                           f"{cfg.model.max_position_embeddings}")
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and every rerun
-    config = bert_config(cfg.model, info.vocab_size, info.pad_id)
-    objective = PretrainObjective(build_model(config, pairs=manifest["objective"] != "mlm"),
-                                  sparse=cfg.model.sparse_mlm_head)
+    config, hf = starting_model(cfg, info.vocab_size, info.pad_id, manifest["objective"] != "mlm",
+                                prepare_dir / "tokenizer", ctx.log)
+    objective = PretrainObjective(hf, sparse=cfg.model.sparse_mlm_head)
     compile_objective(objective, cfg)
-    ctx.log.info(f"model: {cfg.model.preset}, {count_parameters(objective) / 1e6:.1f}M parameters, "
+    shape = f"from {cfg.pretrain.init_from}" if cfg.pretrain.init_from else cfg.model.preset
+    ctx.log.info(f"model: {shape}, {count_parameters(objective) / 1e6:.1f}M parameters, "
                  f"vocab {info.vocab_size}, {'sparse' if cfg.model.sparse_mlm_head else 'dense'} MLM head")
 
     def flops(seq_len: int) -> float:

@@ -23,14 +23,19 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import RunConfig, SearchConfig
 from pipeline.earlybird import EarlyBirdDetector, random_masks, ticket_masks
-from pipeline.model.bert import PretrainObjective, bert_config, build_model, train_flops_per_token
+from pipeline.model.bert import PretrainObjective, train_flops_per_token
 from pipeline.model.gates import SlimmingGates, gates_for
+from pipeline.model.init_from import checkpoint_fingerprint, starting_model
 from pipeline.model.prune import plan_summary
 from pipeline.report.search_plots import plot_search
 from pipeline.rundir import atomic_write_json
 from pipeline.runner import StageContext, StageResult
 from pipeline.stages.pretrain import checked_tokenizer
 from pipeline.train import Trainer, TrainHooks
+
+
+def input_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    return checkpoint_fingerprint(cfg)
 
 
 class TicketTracker:
@@ -98,9 +103,8 @@ def run(ctx: StageContext) -> StageResult:
     cfg, out = ctx.cfg, ctx.stage_dir
     prepare_dir = ctx.input_dir("prepare")
     manifest, info = checked_tokenizer(prepare_dir)
-    torch.manual_seed(cfg.run.seed)  # the pretrain stage's starting point
-    config = bert_config(cfg.model, info.vocab_size, info.pad_id)
-    hf = build_model(config, pairs=manifest["objective"] != "mlm")
+    config, hf = starting_model(cfg, info.vocab_size, info.pad_id, manifest["objective"] != "mlm",
+                                prepare_dir / "tokenizer", ctx.log)  # the pretrain stage's starting point
     if ctx.dist.is_main and not (out / "rewind" / "model.safetensors").exists():
         _save_weights(hf, out / "rewind")
     s = cfg.search
