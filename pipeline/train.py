@@ -169,6 +169,9 @@ class Trainer:
         state = self._resume(engine, loader, plan, position)
         log_every, eval_every = self.cfg.pretrain.log_every, self.cfg.pretrain.eval_every
         stats = StepStats()
+        # training mode set here, not left to the evaluation: a model from `from_pretrained` (init_from, the
+        # pruned model of retrain) comes back in eval mode, and a resumed phase skips the first evaluation
+        engine.module.train()
         if state.step == 0 and eval_batches:
             state.history.update({f"initial_{k}": v for k, v in self._evaluate(engine, eval_batches).items()})
         with progress(self.dist.rank) as bar:

@@ -121,3 +121,53 @@ def test_a_vocab_other_than_the_checkpoints_is_refused_before_training(continued
     config = _variant(continued, "othervocab", pretrain={**base["pretrain"], "init_from": str(other)})
     proc = run_cli("pretrain", "--config", str(config))
     assert proc.returncode == 2 and "is not the checkpoint's" in proc.stderr.strip().splitlines()[-1]
+
+
+def _kill9_after_steps(config: Path, stage: Path, steps: int) -> None:
+    import time
+
+    import psutil
+
+    runner = subprocess.Popen(["bash", "launch/run_stage.sh", "pretrain", str(config), ""], cwd=REPO, env=cli_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and runner.poll() is None:
+        log = stage / "metrics.jsonl"
+        if log.exists() and log.read_text().count('"rows_digest"') >= steps:
+            break
+        time.sleep(0.02)
+    for child in psutil.Process(runner.pid).children(recursive=True):
+        child.kill()
+    runner.kill()
+    runner.wait()
+
+
+@pytest.mark.slow
+def test_kill9_and_the_rerun_resume_the_runs_own_checkpoint_bit_identically(continued):
+    root, _, _ = continued
+    straight = _variant(continued, "straight", distributed={"ds_config": str(REPO / "ds_configs/cpu_demo.json")})
+    assert _stage(straight, "pretrain").returncode == 0
+    killed = _variant(continued, "killed", distributed={"ds_config": str(REPO / "ds_configs/cpu_demo.json")})
+    stage = root / "runs" / "killed" / "pretrain"
+    _kill9_after_steps(killed, stage, 4)
+    assert json.loads((stage / "stage.json").read_text())["status"] == "running"
+    assert any((stage / "checkpoints").glob("*")), "no checkpoint to resume from"
+    proc = _stage(killed, "pretrain")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resum" in proc.stdout + proc.stderr
+    a = load_file(root / "runs/straight/pretrain/export/model.safetensors")
+    b = load_file(stage / "export/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.long  # the two-host 1-bit LAMB test runs the optimizer in CI
+def test_a_headless_bert_continues_with_onebit_lamb_on_two_ranks(continued):
+    root, _, base = continued
+    config = _variant(continued, "onebit", optimizer={"name": "onebit_lamb", "lr": 3e-3, "freeze_step": 3},
+                      distributed={"ds_config": str(REPO / "ds_configs/pretrain_onebit_lamb.json")})
+    proc = _stage(config, "pretrain", "hostfiles/localhost")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    record = json.loads((root / "runs/onebit/pretrain/stage.json").read_text())
+    assert record["status"] == "complete" and record["world_size"] == 2
+    assert record["metrics"]["phase0_final_eval_loss"] < record["metrics"]["phase0_initial_eval_loss"]
