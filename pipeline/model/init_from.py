@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, BertConfig, BertForMaskedLM, BertForPreTraining
+from transformers.utils import logging as hf_logging
 
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.errors import ConfigError, StageInputError
@@ -88,11 +89,15 @@ def load_pretrained(directory: Path, config: BertConfig, pairs: bool,
                     log: logging.Logger) -> BertForMaskedLM | BertForPreTraining:
     """The checkpoint's weights in the pretraining model (fp32); a missing head starts as BERT's, said in the log."""
     cls = BertForPreTraining if pairs else BertForMaskedLM
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report (a table of the head's keys) says what the line below says
     try:
         model, info = cls.from_pretrained(str(directory), config=config, dtype=torch.float32,
                                           attn_implementation="sdpa", output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise StageInputError(f"{FIELD}: {directory}: weights unreadable ({str(exc).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = sorted(info["missing_keys"])
     encoder = [k for k in missing if not k.startswith(HEAD_PREFIXES) and not k.startswith("bert.pooler.")]
     if encoder:

@@ -28,6 +28,7 @@ from pathlib import Path
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.model.bert import bert_config, count_parameters_of, train_flops_per_token
+from pipeline.model.init_from import checkpoint_config
 from pipeline.optim.compress import bytes_per_call
 from pipeline.plan.cluster import ClusterSpec, LinkSpec
 
@@ -165,7 +166,7 @@ def phase_cost(cfg: RunConfig, cluster: ClusterSpec, mfu: float, index: int, opt
     if phase.global_batch_size % per_step:
         raise ConfigError(f"pretrain.phases.{index}.global_batch_size: {phase.global_batch_size} is not a multiple "
                           f"of micro_batch_size x GPUs = {phase.micro_batch_size} x {world} on {cluster.name}")
-    model = bert_config(cfg.model, _vocab(cfg))
+    model = _model(cfg)
     tokens = phase.global_batch_size * phase.seq_len
     flops = tokens * train_flops_per_token(model, phase.seq_len, cfg.data.masking.probability,
                                            cfg.model.sparse_mlm_head, options.widths)
@@ -192,6 +193,13 @@ def phase_cost(cfg: RunConfig, cluster: ClusterSpec, mfu: float, index: int, opt
                      total, data_seconds, step, tokens / step, sent)
 
 
+def _model(cfg: RunConfig):
+    """The geometry the run trains: the config's, or that of the checkpoint it continues (pretrain.init_from)."""
+    if cfg.pretrain.init_from is not None:
+        return checkpoint_config(cfg.pretrain.init_from)
+    return bert_config(cfg.model, _vocab(cfg))
+
+
 def _vocab(cfg: RunConfig) -> int:
     tok = cfg.data.tokenizer
     return tok.vocab_size if tok.kind == "train" else 30522  # bert-base-uncased; a vocab_file: BERT's size
@@ -200,7 +208,7 @@ def _vocab(cfg: RunConfig) -> int:
 def memory_check(cfg: RunConfig, cluster: ClusterSpec, precision: str, widths=None) -> dict:
     """Bytes per GPU: weights, gradients, optimizer state (partitioned by ZeRO), activations of the largest
     micro-batch; says what to change when it does not fit."""
-    model = bert_config(cfg.model, _vocab(cfg))
+    model = _model(cfg)
     params = count_parameters_of(model, widths)
     comm = comm_settings(cfg, precision)
     half = precision in ("bf16", "fp16")
@@ -246,7 +254,7 @@ def plan_run(cfg: RunConfig, cluster: ClusterSpec, mfu: float, options: Options 
 
 def ticket_widths(cfg: RunConfig) -> list[tuple[int, int]]:
     """Layer widths of an EarlyBERT ticket of the configured ratios (global FFN pruning: the average)."""
-    model = bert_config(cfg.model, _vocab(cfg))
+    model = _model(cfg)
     head_dim = model.hidden_size // model.num_attention_heads
     heads = model.num_attention_heads - round(cfg.search.head_prune_ratio * model.num_attention_heads)  # as draw_masks
     ffn = round((1 - cfg.search.ffn_prune_ratio) * model.intermediate_size)

@@ -98,3 +98,16 @@ def test_bad_directories_are_one_line_each(tmp_path):
     (broken / "model.safetensors").unlink()
     with pytest.raises(StageInputError, match="has no model.safetensors or pytorch_model.bin"):
         checkpoint_config(broken)
+
+
+def test_the_plan_costs_the_checkpoints_geometry_not_the_model_section(tmp_path):
+    from pipeline.config import RunConfig
+    from pipeline.plan.costmodel import _model
+
+    directory = _saved(tmp_path / "m")
+    cfg = RunConfig(run={"name": "p"}, data={"tokenizer": {"kind": "pretrained"}},
+                    pretrain={"init_from": str(directory)})
+    model = _model(cfg)
+    assert (model.hidden_size, model.num_hidden_layers, model.vocab_size) == (32, 2, len(VOCAB))
+    with pytest.raises(ValueError, match="kind: pretrained takes the vocab of pretrain.init_from"):
+        RunConfig(run={"name": "p"}, data={"tokenizer": {"kind": "pretrained"}})
