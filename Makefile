@@ -60,7 +60,7 @@ demo: data
 	bash launch/run_stage.sh run-all configs/demo.yaml hostfiles/localhost
 
 test: data
-	$(PY) -m pytest -q -m "not long" tests
+	$(PY) -m pytest -q -m "not long" --durations=30 tests
 
 test-long: data
 	$(PY) -m pytest -q tests
