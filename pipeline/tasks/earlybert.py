@@ -68,9 +68,8 @@ def search_ticket(tuner: FineTuner, cfg: FinetuneConfig, source: ModelSource, da
     gates = gates_for(hf)
     tracker = TicketTracker(s, gates, out, tuner.dist.is_main,
                             read=lambda: tuner.engine.fp32_values([gates.heads, gates.ffn]))
+    # fixed: the same search (its learning-rate schedule over the whole budget), cut at `fixed_step` by the tracker
     budget = min(s.max_steps, max(1, int(cfg.earlybert.search_epochs * steps_per_epoch)))
-    if s.mode == "fixed":
-        budget = min(budget, s.fixed_step)
     plan = FitPlan(epochs=1, lr=cfg.earlybert.search_lr, max_steps=budget, evaluate=False,
                    on_step=lambda step: tracker.after_step(0, step))
     result = tuner.fit(TaskObjective(hf, gates, (s.l1_heads, s.l1_ffn)), data, plan, pad_id,
