@@ -184,13 +184,16 @@ def test_the_fine_tuning_search_emerges_and_the_searched_and_random_tickets_fine
         "distributed": {"ds_config": str(REPO / "ds_configs/cpu_demo.json")},
         "finetune": {"models": [str(MINILM)], "tasks": [_bbc_task(bbc_dir, tmp_path)], "standard": False,
                      "lr": 1e-4, "batch_size": 16, "precision": "fp32",
-                     "earlybert": {"enabled": True, "tickets": ["searched", "random"], "retrain_epochs": 1}}})
+                     "earlybert": {"enabled": True, "tickets": ["searched", "random", "fixed"],
+                                   "retrain_epochs": 1}}})
     proc = run_cli("finetune", "--config", str(config))
     assert proc.returncode == 0, proc.stderr[-4000:]
     stage = tmp_path / "runs" / "eb" / "finetune"
     assert json.loads((stage / "stage.json").read_text())["status"] == "complete"
     results = {r["variant"]: r for r in json.loads((stage / "results.json").read_text())["results"]}
-    assert set(results) == {"earlybert", "earlybert-random"}
+    assert set(results) == {"earlybert", "earlybert-random", "earlybert-fixed"}
+    fixed = results["earlybert-fixed"]["ticket"]  # the same search cut at 0.2 of the epoch
+    assert (fixed["mode"], fixed["search_steps"], fixed["search_budget"]) == ("fixed", 3, 13)
     searched = results["earlybert"]["ticket"]
     assert searched["check_every"] == 1 and searched["steps_per_epoch"] == 13
     assert searched["emerged_at"] is not None and searched["search_steps"] == searched["emerged_at"] < 13
