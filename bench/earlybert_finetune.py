@@ -104,24 +104,14 @@ def summarise(runs: dict) -> dict:
             row["emerged"].append(ticket.get("emerged_fraction"))
             row["drawn"].append(ticket.get("drawn_fraction"))
     curve: dict = {}
-    for key, by_seed in runs["curve"].items():
-        for results in by_seed.values():
-            for r in results:
-                point = curve.setdefault(key, {}).setdefault(VARIANTS[r["variant"]], {"accuracy": [], "kept": None})
-                point["accuracy"].append(r["metrics"]["accuracy"])
-                t = r["ticket"]
-                point["kept"] = (t["heads_kept"] / t["heads_total"], t["ffn_kept"] / t["ffn_total"], r["parameters"])
-    main_key = "0.333/0.40"
-    for by_seed in [runs["main"]]:
-        for results in by_seed.values():
-            for r in results:
-                if r["task"] == CURVE_TASK and r["variant"] in ("earlybert", "earlybert-random"):
-                    point = curve.setdefault(main_key, {}).setdefault(VARIANTS[r["variant"]],
-                                                                       {"accuracy": [], "kept": None})
-                    point["accuracy"].append(r["metrics"]["accuracy"])
-                    t = r["ticket"]
-                    point["kept"] = (t["heads_kept"] / t["heads_total"], t["ffn_kept"] / t["ffn_total"],
-                                     r["parameters"])
+    main_point = [("0.333/0.40", r) for results in runs["main"].values() for r in results
+                  if r["task"] == CURVE_TASK and r["variant"] in ("earlybert", "earlybert-random")]
+    points = [(key, r) for key, by_seed in runs["curve"].items() for results in by_seed.values() for r in results]
+    for key, r in points + main_point:
+        point = curve.setdefault(key, {}).setdefault(VARIANTS[r["variant"]], {"accuracy": [], "kept": None})
+        point["accuracy"].append(r["metrics"]["accuracy"])
+        t = r["ticket"]
+        point["kept"] = (t["heads_kept"] / t["heads_total"], t["ffn_kept"] / t["ffn_total"], r["parameters"])
     return {"table": table, "curve": curve}
 
 

@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from pipeline.config import ModelConfig, RunConfig
 from pipeline.errors import ConfigError, StageInputError
+from pipeline.model.bert import PRESETS, bert_config, build_model
 
 FIELD = "pretrain.init_from"
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -51,8 +52,6 @@ def checkpoint_config(directory: Path) -> BertConfig:
 
 def check_geometry(model: ModelConfig, config: BertConfig, directory: Path) -> None:
     """A `model:` field set in the config must say what the checkpoint says (the checkpoint decides)."""
-    from pipeline.model.bert import PRESETS
-
     stated = {name: getattr(model, name) for name in GEOMETRY if name in model.model_fields_set}
     if "preset" in model.model_fields_set:
         for name, value in zip(("hidden_size", "num_layers", "num_heads", "intermediate_size"), PRESETS[model.preset]):
@@ -113,8 +112,6 @@ def starting_model(cfg: RunConfig, vocab_size: int, pad_id: int, pairs: bool, to
                    log: logging.Logger) -> tuple[BertConfig, BertForMaskedLM | BertForPreTraining]:
     """The weights pretraining (and the search, from the same point) starts from: random from the run's
     seed, or `pretrain.init_from`'s after every check; (its config, the model)."""
-    from pipeline.model.bert import bert_config, build_model
-
     torch.manual_seed(cfg.run.seed)  # the same weights (or fresh head) on every rank and every rerun
     directory = cfg.pretrain.init_from
     if directory is None:
